@@ -1,0 +1,193 @@
+"""The tenants file: one TOML table per client business.
+
+``${NAME}`` in any string is replaced by that environment variable; a missing variable, an
+unknown key, a bad slug or a missing secret is one ``ConfigError`` naming the tenant and key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rilla_bridge.settings import ConfigError
+
+SLUG_RE = re.compile(r"^[a-z0-9-]+$")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class CallRailConfig:
+    signing_key: str
+    account_id: str | None = None
+    company_id: str | None = None
+    api_key: str | None = None
+
+    @property
+    def api_enabled(self) -> bool:
+        return bool(self.account_id and self.api_key)
+
+
+@dataclass(frozen=True)
+class CallinglyConfig:
+    webhook_token: str
+
+
+@dataclass(frozen=True)
+class Tenant:
+    slug: str
+    rilla_api_key: str
+    default_user_email: str | None = None
+    deliver_unrecorded: bool = False
+    # source agent email (lower case) -> Rilla rep email
+    users: Mapping[str, str] = field(default_factory=dict)
+    callrail: CallRailConfig | None = None
+    callingly: CallinglyConfig | None = None
+
+    def rep_email(self, agent_email: str | None) -> str | None:
+        """The Rilla rep for a call: mapped agent email, the agent email, else the default."""
+        if agent_email:
+            return self.users.get(agent_email.strip().lower(), agent_email.strip())
+        return self.default_user_email
+
+    def secrets(self) -> list[str]:
+        out = [self.rilla_api_key]
+        if self.callrail:
+            out += [self.callrail.signing_key, self.callrail.api_key or ""]
+        if self.callingly:
+            out.append(self.callingly.webhook_token)
+        return [s for s in out if s]
+
+
+_TENANT_KEYS = {
+    "rilla_api_key", "default_user_email", "deliver_unrecorded", "users", "callrail", "callingly",
+}
+_CALLRAIL_KEYS = {"signing_key", "account_id", "company_id", "api_key"}
+_CALLINGLY_KEYS = {"webhook_token"}
+
+
+def _interpolate(value: Any, where: str, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                raise ConfigError(f"{where}: environment variable {name} is not set")
+            return env[name]
+
+        return _VAR_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{where}.{k}", env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, where, env) for v in value]
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _required_str(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: {key} is required and must be a non-empty string")
+    return value.strip()
+
+
+def _optional_str(table: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string")
+    return value.strip() or None
+
+
+def _tenant(slug: str, raw: Any, env: Mapping[str, str]) -> Tenant:
+    where = f"tenant {slug!r}"
+    if not SLUG_RE.match(slug):
+        raise ConfigError(f"{where}: slug must match [a-z0-9-]+")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _check_keys(raw, _TENANT_KEYS, where)
+    raw = _interpolate(raw, where, env)
+    users_raw = raw.get("users", {})
+    if not isinstance(users_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in users_raw.items()
+    ):
+        raise ConfigError(f"{where}: users must map agent emails to Rilla rep emails (strings)")
+    deliver_unrecorded = raw.get("deliver_unrecorded", False)
+    if not isinstance(deliver_unrecorded, bool):
+        raise ConfigError(f"{where}: deliver_unrecorded must be true or false")
+
+    callrail = None
+    if "callrail" in raw:
+        cr = raw["callrail"]
+        cw = f"{where} [callrail]"
+        if not isinstance(cr, dict):
+            raise ConfigError(f"{cw}: must be a table")
+        _check_keys(cr, _CALLRAIL_KEYS, cw)
+        callrail = CallRailConfig(
+            signing_key=_required_str(cr, "signing_key", cw),
+            account_id=_optional_str(cr, "account_id", cw),
+            company_id=_optional_str(cr, "company_id", cw),
+            api_key=_optional_str(cr, "api_key", cw),
+        )
+        if bool(callrail.account_id) != bool(callrail.api_key):
+            raise ConfigError(f"{cw}: account_id and api_key go together (both or neither)")
+    callingly = None
+    if "callingly" in raw:
+        cg = raw["callingly"]
+        gw = f"{where} [callingly]"
+        if not isinstance(cg, dict):
+            raise ConfigError(f"{gw}: must be a table")
+        _check_keys(cg, _CALLINGLY_KEYS, gw)
+        callingly = CallinglyConfig(webhook_token=_required_str(cg, "webhook_token", gw))
+
+    return Tenant(
+        slug=slug,
+        rilla_api_key=_required_str(raw, "rilla_api_key", where),
+        default_user_email=_optional_str(raw, "default_user_email", where),
+        deliver_unrecorded=deliver_unrecorded,
+        users={k.strip().lower(): v.strip() for k, v in users_raw.items()},
+        callrail=callrail,
+        callingly=callingly,
+    )
+
+
+def parse_tenants(text: str, env: Mapping[str, str] | None = None) -> dict[str, Tenant]:
+    """Parse tenants TOML text; raises ConfigError with one clear message."""
+    env = os.environ if env is None else env
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"tenants file is not valid TOML: {exc}") from None
+    _check_keys(doc, {"tenants"}, "tenants file")
+    tenants = doc.get("tenants", {})
+    if not isinstance(tenants, dict):
+        raise ConfigError("tenants file: [tenants] must be a table")
+    return {slug: _tenant(slug, raw, env) for slug, raw in tenants.items()}
+
+
+def load_tenants(path: str, env: Mapping[str, str] | None = None) -> dict[str, Tenant]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"tenants file {path!r} not found (set TENANTS_FILE)") from None
+    return parse_tenants(text, env)
+
+
+def mask(secret: str | None) -> str:
+    """What an operator may see of a secret: its length and last two characters at most."""
+    if not secret:
+        return "(unset)"
+    if len(secret) < 12:
+        return "****"
+    return f"****{secret[-2:]} ({len(secret)} chars)"
