@@ -48,6 +48,7 @@ class Settings:
     admin_token: str = ""
     sentry_dsn: str = ""
     port: int = 8000
+    web_concurrency: int = 3   # gunicorn workers (Heroku sets WEB_CONCURRENCY)
     retry_base_seconds: float = 5.0
     retry_max_delay_seconds: float = 3600.0
     retry_max_age_seconds: float = 86400.0
@@ -86,6 +87,7 @@ class Settings:
             admin_token=e.get("ADMIN_TOKEN", ""),
             sentry_dsn=e.get("SENTRY_DSN", "").strip(),
             port=_int(e, "PORT", cls.port),
+            web_concurrency=_int(e, "WEB_CONCURRENCY", cls.web_concurrency),
             retry_base_seconds=_float(e, "RETRY_BASE_SECONDS", cls.retry_base_seconds),
             retry_max_delay_seconds=_float(
                 e, "RETRY_MAX_DELAY_SECONDS", cls.retry_max_delay_seconds

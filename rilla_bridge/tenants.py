@@ -88,7 +88,8 @@ def _interpolate(value: Any, where: str, env: Mapping[str, str]) -> Any:
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+        allowed_text = ", ".join(sorted(allowed))
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {allowed_text})")
 
 
 def _required_str(table: Mapping[str, Any], key: str, where: str) -> str:

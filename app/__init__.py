@@ -1,0 +1,65 @@
+"""The web process: ``create_app`` builds the Flask app for gunicorn (``app.wsgi:app``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g
+from werkzeug.exceptions import HTTPException
+
+from rilla_bridge.events import EventStore
+from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
+from rilla_bridge.redis_conn import make_redis, warn_unless_noeviction
+from rilla_bridge.settings import Settings
+from rilla_bridge.tenants import Tenant, load_tenants
+
+log = logging.getLogger("rilla_bridge.web")
+
+
+def create_app(
+    settings: Settings | None = None,
+    tenants: dict[str, Tenant] | None = None,
+    redis_client: Any = None,
+) -> Flask:
+    from app import views
+
+    settings = settings or Settings.from_env()
+    tenants = load_tenants(settings.tenants_file) if tenants is None else tenants
+    setup_logging()
+    register_secrets(s for t in tenants.values() for s in t.secrets())
+    init_sentry(settings.sentry_dsn, environment=settings.environment, component="web")
+    client = redis_client if redis_client is not None else make_redis(settings)
+    warn_unless_noeviction(client, log)
+
+    app = Flask(__name__)
+    app.config.update(
+        RB_SETTINGS=settings,
+        RB_TENANTS=tenants,
+        RB_REDIS=client,
+        RB_STORE=EventStore(client, dedup_window=settings.dedup_window_seconds,
+                            retention=settings.event_retention_seconds),
+        MAX_CONTENT_LENGTH=None,  # the intake view enforces the limit itself, streaming
+    )
+    app.register_blueprint(views.bp)
+
+    @app.before_request
+    def _start() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _log(response: Response) -> Response:
+        views.observe(response, g.get("started", time.perf_counter()))
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return views.error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return views.error(500, "internal error")
+
+    return app

@@ -1,0 +1,3 @@
+from rilla_bridge.cli import main
+
+main()

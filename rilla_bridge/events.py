@@ -1,0 +1,109 @@
+"""The event store: every received webhook, its status and its timeline, in Redis.
+
+Intake stores the raw body, our metadata and the queue message in ONE Lua script, so an
+event is either stored and queued or not at all, and a repeated identical body within the
+dedup window answers with the first event's id instead of being stored twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from rilla_bridge import redis_conn as keys
+from rilla_bridge.taskqueue import QUEUE_EVENTS, process_event_message
+
+# KEYS: dedup, event hash, pending zset, queue list
+# ARGV: event id, queue message ('' = do not enqueue), dedup ttl, retention, score, field pairs...
+_INTAKE_LUA = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+  redis.call('LPUSH', KEYS[4], ARGV[2])
+end
+return {1, ARGV[1]}
+"""
+
+
+def new_event_id(now: float | None = None) -> str:
+    """Time-ordered, unguessable: ``ev_`` + milliseconds (hex) + 64 random bits."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"ev_{ms:012x}{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True)
+class Stored:
+    event_id: str
+    duplicate: bool
+
+
+class EventStore:
+    def __init__(self, client: redis.Redis, *, dedup_window: int, retention: int) -> None:
+        self.redis = client
+        self.dedup_window = max(1, dedup_window)
+        self.retention = max(60, retention)
+        self._intake = client.register_script(_INTAKE_LUA)
+
+    def intake(
+        self,
+        *,
+        source: str,
+        tenant: str,
+        kind: str,
+        body: bytes,
+        call_id: str | None,
+        keep_body: bool = True,
+        enqueue: bool = True,
+        status: str = "queued",
+        note: str = "",
+    ) -> Stored:
+        """Store one received body durably and queue it; raises redis.RedisError if Redis can't."""
+        now = time.time()
+        event_id = new_event_id(now)
+        digest = hashlib.sha256(body).hexdigest()
+        fields: list[Any] = [
+            "id", event_id, "tenant", tenant, "source", source, "kind", kind,
+            "received_at", repr(now), "status", status, "size", len(body), "sha256", digest,
+            "call_id", call_id or "",
+        ]
+        if keep_body:
+            fields += ["body", body]
+        if note:
+            fields += ["note", note]
+        message = process_event_message(event_id) if enqueue else ""
+        code, stored_id = self._intake(
+            keys=[keys.dedup_key(source, tenant, kind, digest), keys.event_key(event_id),
+                  keys.PENDING, QUEUE_EVENTS],
+            args=[event_id, message, self.dedup_window, self.retention, repr(now), *fields],
+        )
+        sid = stored_id.decode() if isinstance(stored_id, bytes) else str(stored_id)
+        return Stored(event_id=sid, duplicate=not code)
+
+    def get(self, event_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(keys.event_key(event_id))
+        if not raw:
+            return None
+        out: dict[str, Any] = {}
+        for k, v in raw.items():
+            name = k.decode()
+            out[name] = v if name == "body" else v.decode("utf-8", "replace")
+        return out
+
+    def timeline(self, event_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.redis.lrange(keys.timeline_key(event_id), 0, -1)]
+
+
+def timeline_entry(what: str, **data: Any) -> str:
+    return json.dumps({"t": round(time.time(), 3), "what": what, **data}, separators=(",", ":"))

@@ -1,0 +1,112 @@
+"""Structured logs and Sentry, with secrets and raw bodies kept out of both."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+_SENSITIVE_KEY = re.compile(
+    r"(signature|token|api[-_]?key|authorization|secret|password|cookie|access_key|x-api-key|"
+    r"signing_key|body|data)", re.IGNORECASE)
+_ACCESS_KEY = re.compile(r"(access_key=)[^&\s\"']+", re.IGNORECASE)
+FILTERED = "[Filtered]"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra=`` fields."""
+
+    _skip = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k not in self._skip and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return redact_text(json.dumps(out, default=str))
+
+
+def setup_logging(level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if any(getattr(h, "_rilla_bridge", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._rilla_bridge = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+_known_secrets: list[str] = []
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Secrets (tenant keys, tokens) that must be masked wherever they would be printed."""
+    for v in values:
+        if v and len(v) >= 6 and v not in _known_secrets:
+            _known_secrets.append(v)
+    _known_secrets.sort(key=len, reverse=True)
+
+
+def redact_text(text: str) -> str:
+    for s in _known_secrets:
+        if s in text:
+            text = text.replace(s, FILTERED)
+    return _ACCESS_KEY.sub(r"\1" + FILTERED, text)
+
+
+def scrub(value: Any, key: str = "") -> Any:
+    """Deep copy of ``value`` with sensitive keys and known secrets replaced."""
+    if key and _SENSITIVE_KEY.search(key):
+        return FILTERED
+    if isinstance(value, dict):
+        return {k: scrub(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+def _before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+    request = event.get("request")
+    if isinstance(request, dict):
+        # Raw webhook bodies and query strings (Callingly's token) never leave the process.
+        request.pop("data", None)
+        request.pop("query_string", None)
+        request.pop("cookies", None)
+        if "url" in request:
+            request["url"] = str(request["url"]).split("?", 1)[0]
+    scrubbed: dict[str, Any] = scrub(event)
+    return scrubbed
+
+
+def init_sentry(dsn: str, *, environment: str, component: str, **extra: Any) -> bool:
+    """Start Sentry when a DSN is set; returns whether it was started."""
+    if not dsn:
+        return False
+    import sentry_sdk
+
+    sentry_sdk.init(
+        dsn=dsn,
+        environment=environment,
+        send_default_pii=False,
+        max_request_body_size="never",
+        include_local_variables=False,
+        before_send=_before_send,  # type: ignore[arg-type]
+        **extra,
+    )
+    sentry_sdk.set_tag("component", component)
+    return True

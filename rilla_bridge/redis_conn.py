@@ -1,0 +1,99 @@
+"""Redis clients and the one layout of our keys.
+
+Everything lives in the database of ``REDIS_URL``; Celery's kombu keys (``events``,
+``callrail``, ``unacked*``, ``_kombu.*``) sit beside ours, and ours all start with ``rb:``:
+
+- ``rb:ev:{id}``           hash: one received event (raw body until retention ends, status)
+- ``rb:ev:{id}:tl``        list: the event's timeline, JSON entries, same retention
+- ``rb:dedup:{src}:{tenant}:{kind}:{sha256}``  our event id for a body seen recently
+- ``rb:pending``           zset: events not finished yet, scored by when they were (re)queued
+- ``rb:retry``             zset: events waiting for a retry, scored by when it is due
+- ``rb:call:{tenant}:{src}:{call}``  hash: per-call merged state (snapshots, last delivery)
+- ``rb:lock:call:{tenant}:{src}:{call}``  string: who delivers that call right now
+- ``rb:inflight:{tenant}`` zset: a tenant's deliveries in flight (cap per tenant)
+- ``rb:dlq:{id}`` / ``rb:dlq``   hash per dead letter / zset index by failure time
+- ``rb:stats``             hash: counters the web /metrics endpoint exports
+- ``rb:cr:*``              CallRail quota guard (see rilla_bridge.callrail.quota)
+- ``rb:sched:*``           scheduler locks
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+
+from rilla_bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PENDING = "rb:pending"
+RETRY = "rb:retry"
+DLQ_INDEX = "rb:dlq"
+STATS = "rb:stats"
+
+
+def event_key(event_id: str) -> str:
+    return f"rb:ev:{event_id}"
+
+
+def timeline_key(event_id: str) -> str:
+    return f"rb:ev:{event_id}:tl"
+
+
+def dedup_key(source: str, tenant: str, kind: str, digest: str) -> str:
+    return f"rb:dedup:{source}:{tenant}:{kind}:{digest}"
+
+
+def call_key(tenant: str, source: str, call_id: str) -> str:
+    return f"rb:call:{tenant}:{source}:{call_id}"
+
+
+def call_lock_key(tenant: str, source: str, call_id: str) -> str:
+    return f"rb:lock:call:{tenant}:{source}:{call_id}"
+
+
+def inflight_key(tenant: str) -> str:
+    return f"rb:inflight:{tenant}"
+
+
+def dlq_key(event_id: str) -> str:
+    return f"rb:dlq:{event_id}"
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """Options shared by our redis-py clients and Celery's broker connection."""
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+    }
+    if settings.redis_url.startswith("rediss://"):
+        kwargs["ssl_cert_reqs"] = settings.redis_tls_cert_reqs
+    return kwargs
+
+
+def make_redis(settings: Settings, **overrides: Any) -> redis.Redis:
+    kwargs = connection_kwargs(settings)
+    kwargs.update(overrides)
+    return redis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+def warn_unless_noeviction(client: redis.Redis, logger: logging.Logger | None = None) -> str | None:
+    """Warn loudly unless Redis refuses to evict: an evicted key is a lost call."""
+    logger = logger or log
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.RedisError as exc:
+        logger.warning(
+            "could not read Redis maxmemory-policy (%s); make sure it is noeviction, "
+            "or Redis may silently drop queued calls", type(exc).__name__)
+        return None
+    if policy != "noeviction":
+        logger.warning(
+            "!!! Redis maxmemory-policy is %r, not 'noeviction': under memory pressure Redis "
+            "will DELETE queued events and dead letters. Set maxmemory-policy noeviction. !!!",
+            policy)
+    return str(policy) if policy is not None else None

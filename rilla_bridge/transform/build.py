@@ -1,0 +1,183 @@
+"""Merged call fields -> the one thing to do in Rilla (upsert, delete, skip, resolve first)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from marshmallow import ValidationError, validate
+
+from rilla_bridge.tenants import Tenant
+from rilla_bridge.transform.appointment import validate_appointment
+from rilla_bridge.transform.fields import add_seconds
+from rilla_bridge.transform.model import (
+    Delete,
+    NeedsRecording,
+    Skip,
+    TransformError,
+    Upsert,
+    event_id_for,
+)
+
+Action = Upsert | Delete | Skip | NeedsRecording
+
+_API_RECORDING_RE = re.compile(r"^/v3/a/([^/]+)/calls/([^/]+)/recording\.json$")
+_EMAIL = validate.Email()
+_CUSTOM_KEYS: dict[str, tuple[str, ...]] = {
+    "callrail": ("direction", "duration", "tracking_number", "tags", "campaign", "value",
+                 "answered"),
+    "callingly": ("team", "direction", "status", "result", "tags"),
+}
+_LABEL = {"callrail": "CallRail", "callingly": "Callingly"}
+
+
+def _text(merged: Mapping[str, Any], key: str) -> str | None:
+    value = merged.get(key)
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _count(merged: Mapping[str, Any], key: str) -> int | None:
+    value = merged.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def api_recording(url: str) -> tuple[str, str] | None:
+    """(account_id, call_id) when ``url`` is a CallRail API ``recording.json`` URL (any host)."""
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        return None
+    match = _API_RECORDING_RE.match(path)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def build_action(source: str, call_id: str, merged: dict[str, Any], tenant: Tenant,
+                 resolved_recordings: Mapping[str, str]) -> Action:
+    """Decide what Rilla should get for one call, from its merged fields.
+
+    Order matters: spam deletes whatever else is known; an unrecorded call is skipped before
+    its data is judged (unanswered calls have no agent and are not errors); the payload is
+    checked before a recording lookup spends CallRail quota.
+    """
+    if source not in _LABEL:
+        raise TransformError(f"unknown source {source!r}")
+    label = _LABEL[source]
+    event_id = event_id_for(source, call_id)
+    if source == "callrail" and merged.get("spam") is True:
+        return Delete(event_id)
+    recording = _text(merged, "recording")
+    if recording is None and not tenant.deliver_unrecorded:
+        return Skip(f"no recording: {label} call {call_id} has no recording "
+                    f"and tenant {tenant.slug} does not deliver unrecorded calls")
+
+    payload = _payload(source, label, event_id, merged, tenant)
+    if recording is not None:
+        api = api_recording(recording) if source == "callrail" else None
+        if api is not None:
+            if recording not in resolved_recordings:
+                return NeedsRecording(api_url=recording, account_id=api[0], call_id=api[1])
+            recording = resolved_recordings[recording]
+        payload["media_url"] = recording
+        payload["recording_type"] = "CALL_AUDIO"
+    validate_appointment(payload)
+    return Upsert(payload)
+
+
+def _payload(source: str, label: str, event_id: str, merged: Mapping[str, Any],
+             tenant: Tenant) -> dict[str, Any]:
+    agent = _text(merged, "agent_email")
+    user_email = tenant.rep_email(agent)
+    if not user_email:
+        raise TransformError(f"no rep email: the call has no agent_email and tenant "
+                             f"{tenant.slug} has no default_user_email")
+    start, end = _times(source, merged)
+    customer = _customer(source, label, merged)
+    direction = _text(merged, "direction")
+    who = customer["name"]
+    title = f"{direction.capitalize()} call with {who}" if direction else f"Call with {who}"
+    payload: dict[str, Any] = {
+        "event_id": event_id,
+        "user_email": user_email,
+        "start_time": start,
+        "end_time": end,
+        "title": title,
+        "customer": customer,
+    }
+    lead_source = (_text(merged, "source_name") or _text(merged, "source")
+                   if source == "callrail" else _text(merged, "lead_source"))
+    if lead_source:
+        payload["lead_source"] = lead_source
+    custom = _custom_fields(source, merged)
+    if custom:
+        payload["custom_fields"] = custom
+    return payload
+
+
+def _times(source: str, merged: Mapping[str, Any]) -> tuple[str, str]:
+    start = _text(merged, "start_time")
+    key = "start_time" if source == "callrail" else "datetime"
+    if start is None:
+        bad = _text(merged, "start_time_invalid")
+        if bad is not None:
+            raise TransformError(
+                f"no usable start time: {key} {bad!r} is not ISO 8601 with an offset")
+        raise TransformError(f"no usable start time: the call has no {key}")
+    end = add_seconds(start, _count(merged, "duration") or 0)
+    if end is None:
+        raise TransformError(f"no usable end time: start {start!r} plus duration "
+                             f"{merged.get('duration')!r} seconds is out of range")
+    return start, end
+
+
+def _customer(source: str, label: str, merged: Mapping[str, Any]) -> dict[str, str]:
+    phone = _text(merged, "customer_phone")
+    email = _text(merged, "customer_email")
+    if source == "callrail":
+        customer_id = _text(merged, "customer_id") or phone
+        if customer_id is None:
+            raise TransformError("no customer id: the call has neither person_resource_id "
+                                 "nor customer_phone_number")
+    else:
+        customer_id = _text(merged, "customer_id")
+        if customer_id is None:
+            raise TransformError("no customer id: the Callingly call has no lead id")
+    name = _text(merged, "customer_name") or phone or email
+    if name is None:
+        raise TransformError(f"no customer name: the {label} call has no caller name, "
+                             "phone number or email")
+    customer = {"id": customer_id, "name": name}
+    if email and _valid_email(email):
+        # A malformed lead email is not worth losing the recording over; it is dropped.
+        customer["email"] = email
+    if phone:
+        customer["phone"] = phone
+    address = ", ".join(p for p in (_text(merged, "customer_city"),
+                                    _text(merged, "customer_state")) if p)
+    if address:
+        customer["address"] = address
+    return customer
+
+
+def _valid_email(value: str) -> bool:
+    try:
+        _EMAIL(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _custom_fields(source: str, merged: Mapping[str, Any]) -> dict[str, Any]:
+    keys = _CUSTOM_KEYS[source]
+    out: dict[str, Any] = {}
+    for key in keys:
+        value = merged.get(key)
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value if v not in (None, ""))
+        if isinstance(value, str):
+            value = value.strip()
+        if value is None or value == "" or isinstance(value, dict):
+            continue
+        out[key] = value
+    return out

@@ -1,0 +1,113 @@
+"""Callingly ``call_completed`` bodies as normalized snapshot fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, post_load
+
+from rilla_bridge.transform import fields as f
+from rilla_bridge.transform.model import Skip, Snapshot, TransformError
+
+RANKS: dict[str, int] = {"call_completed": 2}
+SKIP_KINDS: dict[str, str] = {
+    "lead_created": "Callingly lead_created: a lead event, not a call",
+    "lead_updated": "Callingly lead_updated: a lead event, not a call",
+}
+
+
+class LeadSchema(Schema):
+    """The call's lead; ``fname``/``lname`` are the API and lead-event spellings."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    id = f.LooseId()
+    first_name = f.Text()
+    last_name = f.Text()
+    fname = f.Text()
+    lname = f.Text()
+    email = f.Text()
+    phone_number = f.Text()
+    source = f.Text()
+    tags = f.Tags()
+
+
+class UserSchema(Schema):
+    """The agent on the call (``null`` on missed calls)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    email = f.Text()
+
+
+class CallCompletedSchema(Schema):
+    """A Callingly call record as posted by the ``call_completed`` webhook."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    id = f.LooseId()
+    team_name = f.Text()
+    status = f.Text()
+    result = f.Text()
+    direction = f.Text()
+    tag = f.Tags()
+    lead = f.Object(LeadSchema())
+    user = f.Object(UserSchema())
+    recording_url = f.Text()
+    seconds = f.Int()
+    call_seconds = f.Int()
+    datetime = f.Text()
+
+    @post_load
+    def normalize(self, d: dict[str, Any], **_: Any) -> dict[str, Any]:
+        if d["id"] is None:
+            raise ValidationError("no usable call id")
+        lead: dict[str, Any] = d["lead"] or {}
+        user: dict[str, Any] = d["user"] or {}
+        first = lead.get("first_name") or lead.get("fname")
+        last = lead.get("last_name") or lead.get("lname")
+        name = " ".join(part for part in (first, last) if part) or None
+        raw_start: str | None = d["datetime"]
+        start = f.to_utc(raw_start) if raw_start else None
+        lead_tags: list[str] = lead.get("tags") or []
+        tags = lead_tags + [t for t in d["tag"] or [] if t not in lead_tags]
+        fields: dict[str, Any] = {
+            "start_time": start,
+            "start_time_invalid": raw_start if raw_start and start is None else None,
+            "duration": d["seconds"] if d["seconds"] is not None else d["call_seconds"],
+            "recording": d["recording_url"],
+            "agent_email": user.get("email"),
+            "customer_id": lead.get("id"),
+            "customer_name": name,
+            "customer_phone": lead.get("phone_number"),
+            "customer_email": lead.get("email"),
+            "lead_source": lead.get("source"),
+            "team": d["team_name"],
+            "direction": d["direction"].lower() if d["direction"] else None,
+            "status": d["status"],
+            "result": d["result"],
+            "tags": tags or None,
+        }
+        return {"call_id": d["id"], "fields": fields}
+
+
+_SCHEMA = CallCompletedSchema()
+
+
+def parse(kind: str, raw: dict[str, Any]) -> Snapshot | Skip:
+    """One Callingly webhook body as a Snapshot (``call_completed``) or Skip (lead events)."""
+    if kind in SKIP_KINDS:
+        return Skip(SKIP_KINDS[kind])
+    if kind not in RANKS:
+        raise TransformError(f"unknown Callingly event kind {kind!r}")
+    try:
+        loaded = _SCHEMA.load(raw)
+    except ValidationError as exc:
+        reason = f.validation_text(exc)
+        if reason == "no usable call id":
+            reason = f"no usable call id: id {f.preview(raw.get('id'))} is missing or not an id"
+        raise TransformError(f"malformed Callingly {kind} body: {reason}") from None
+    return Snapshot(call_id=loaded["call_id"], rank=RANKS[kind], fields=loaded["fields"])

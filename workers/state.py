@@ -1,0 +1,124 @@
+"""Redis-side steps of delivery: per-call state, the per-call lock, retries and re-queueing.
+
+Each multi-key step is one Lua script or one MULTI pipeline, so several workers and several
+schedulers can run the same step at once and an event is still queued exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from rilla_bridge import redis_conn as keys
+from rilla_bridge.taskqueue import QUEUE_EVENTS, process_event_message
+
+# KEYS: call lock, tenant in-flight zset. ARGV: token, lease ms, max in flight.
+# Returns 1 acquired, 0 call busy, -1 tenant at its in-flight cap.
+_ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  return -1
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: source zset (retry or pending), pending zset, queue. ARGV: now, max score, id, msg, ...
+# Moves each id whose score is still <= max score; ZREM/ZSCORE make it once-only.
+_REQUEUE_LUA = """
+local moved = 0
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and tonumber(score) <= tonumber(ARGV[2]) then
+    if KEYS[1] ~= KEYS[2] then redis.call('ZREM', KEYS[1], id) end
+    redis.call('ZADD', KEYS[2], ARGV[1], id)
+    redis.call('LPUSH', KEYS[3], ARGV[i + 1])
+    local ek = 'rb:ev:' .. id
+    if redis.call('EXISTS', ek) == 1 then redis.call('HSET', ek, 'status', 'queued') end
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
+class CallState:
+    """Per-call merged state and the lock that serialises deliveries of one call."""
+
+    def __init__(self, client: redis.Redis, retention: int) -> None:
+        self.redis = client
+        self.retention = retention
+        self._acquire = client.register_script(_ACQUIRE_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+        self._requeue = client.register_script(_REQUEUE_LUA)
+
+    def add_snapshot(self, tenant: str, source: str, call_id: str, event_id: str,
+                     snapshot: dict[str, Any]) -> None:
+        """Store this event's snapshot of the call (an event seen twice overwrites itself)."""
+        key = keys.call_key(tenant, source, call_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, f"s:{event_id}", json.dumps(snapshot, separators=(",", ":")))
+            pipe.expire(key, self.retention)
+            pipe.execute()
+
+    def get(self, tenant: str, source: str, call_id: str) -> dict[str, Any]:
+        return decode_call_state(self.redis.hgetall(keys.call_key(tenant, source, call_id)))
+
+    def set_resolved(self, tenant: str, source: str, call_id: str, api_url: str,
+                     media_url: str) -> None:
+        key = keys.call_key(tenant, source, call_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, f"r:{api_url}", media_url)
+            pipe.expire(key, self.retention)
+            pipe.execute()
+
+    def acquire(self, tenant: str, source: str, call_id: str, token: str, lease_ms: int,
+                max_inflight: int) -> int:
+        return int(self._acquire(
+            keys=[keys.call_lock_key(tenant, source, call_id), keys.inflight_key(tenant)],
+            args=[token, lease_ms, max_inflight]))
+
+    def release(self, pipe: Any, tenant: str, source: str, call_id: str, token: str) -> None:
+        self._release(keys=[keys.call_lock_key(tenant, source, call_id),
+                            keys.inflight_key(tenant)], args=[token], client=pipe)
+
+    def requeue_due(self, source_key: str, max_score: float, limit: int = 500) -> int:
+        """Queue events from ``source_key`` (retry or pending zset) scored <= ``max_score``."""
+        ids = self.redis.zrangebyscore(source_key, "-inf", max_score, start=0, num=limit)
+        if not ids:
+            return 0
+        args: list[Any] = [repr(time.time()), repr(max_score)]
+        for raw in ids:
+            eid = raw.decode()
+            args += [eid, process_event_message(eid)]
+        return int(self._requeue(keys=[source_key, keys.PENDING, QUEUE_EVENTS], args=args))
+
+
+def decode_call_state(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    snapshots: list[dict[str, Any]] = []
+    resolved: dict[str, str] = {}
+    out: dict[str, Any] = {"snapshots": snapshots, "resolved": resolved, "delivered": None}
+    for k, v in raw.items():
+        name = k.decode()
+        if name.startswith("s:"):
+            snapshots.append(json.loads(v))
+        elif name.startswith("r:"):
+            resolved[name[2:]] = v.decode()
+        elif name == "delivered":
+            out["delivered"] = v.decode()
+    return out
