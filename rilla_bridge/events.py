@@ -68,6 +68,7 @@ class EventStore:
         enqueue: bool = True,
         status: str = "queued",
         note: str = "",
+        extra: dict[str, str] | None = None,
     ) -> Stored:
         """Store one received body durably and queue it; raises redis.RedisError if Redis can't."""
         now = time.time()
@@ -82,6 +83,8 @@ class EventStore:
             fields += ["body", body]
         if note:
             fields += ["note", note]
+        for k, v in (extra or {}).items():
+            fields += [k, v]
         message = process_event_message(event_id) if enqueue else ""
         code, stored_id = self._intake(
             keys=[keys.dedup_key(source, tenant, kind, digest), keys.event_key(event_id),

@@ -75,6 +75,8 @@ class Settings:
     backfill_budget_share: float = 0.5
     reconcile_interval_seconds: int = 900
     reconcile_lookback_seconds: int = 2 * 86400
+    # Calls younger than this are left to their webhook (post-call fires up to 20 min late).
+    reconcile_settle_seconds: int = 1800
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -123,6 +125,9 @@ class Settings:
             ),
             reconcile_lookback_seconds=_int(
                 e, "RECONCILE_LOOKBACK_SECONDS", cls.reconcile_lookback_seconds
+            ),
+            reconcile_settle_seconds=_int(
+                e, "RECONCILE_SETTLE_SECONDS", cls.reconcile_settle_seconds
             ),
         )
         s.validate()

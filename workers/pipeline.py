@@ -286,7 +286,9 @@ def _needs_recording(rt: Runtime, event: dict[str, Any], tenant: Tenant,
             f"{tenant.slug!r} has no [callrail] account_id/api_key to resolve it")
     rt.recording_lookup(tenant, event, need)
     with rt.redis.pipeline() as pipe:
-        pipe.zrem(keys.PENDING, event["id"])
+        # Still pending, but far ahead: the lookup may wait hours for budget; if it is ever
+        # lost, the sweeper asks again once this score is stale.
+        pipe.zadd(keys.PENDING, {event["id"]: time.time() + 3600})
         _finish(rt, event["id"], "waiting_recording", Outcome.WAITING,
                 timeline_entry("waiting_recording", note="CallRail recording lookup queued"),
                 pipe=pipe)
