@@ -67,5 +67,6 @@ def provider_call_id(source: str, kind: str, body: dict[str, Any]) -> str | None
     if isinstance(value, bool) or value in (None, ""):
         return None
     if isinstance(value, int | str):
-        return str(value)[:100]
+        # JSON may escape lone surrogates ("\ud800"): valid JSON, but not UTF-8 for Redis.
+        return str(value)[:100].encode("utf-8", "replace").decode("utf-8")
     return None

@@ -47,8 +47,15 @@ def _read_body(limit: int) -> bytes | None:
     length = request.content_length
     if length is not None and length > limit:
         return None
-    data = request.stream.read(limit + 1)
-    return None if len(data) > limit else data
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:  # a stream read may return less than asked: read to EOF or limit
+        chunk = request.stream.read(min(65536, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return None if total > limit else b"".join(chunks)
 
 
 def _parse_object(body: bytes) -> dict[str, Any] | str:

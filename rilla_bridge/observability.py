@@ -102,7 +102,7 @@ def init_sentry(dsn: str, *, environment: str, component: str, **extra: Any) -> 
     sentry_sdk.init(
         dsn=dsn,
         environment=environment,
-        send_default_pii=False,
+        # PII stays off by default; passing send_default_pii at all is deprecated (sentry-sdk 2.x)
         max_request_body_size="never",
         include_local_variables=False,
         before_send=_before_send,  # type: ignore[arg-type]

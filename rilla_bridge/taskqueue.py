@@ -50,6 +50,9 @@ def task_message(task: str, args: list[Any], queue: str) -> str:
             "kwargsrepr": "{}",
             "origin": _ORIGIN,
             "ignore_result": True,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
             # When this copy was queued: the scheduler's sweeper uses the oldest queued
             # message's time to tell a lost event from one still waiting in a backlog.
             "rb_at": round(time.time(), 3),
