@@ -111,6 +111,15 @@ def run(rt: Runtime, job: dict[str, Any]) -> str:
     account, api_key = str(cr.account_id), str(cr.api_key)
     client: CallRailClient = rt.callrail  # type: ignore[attr-defined]
     kind = job.get("type")
+    guard: QuotaGuard = rt.guard  # type: ignore[attr-defined]
+    late = guard.still_good(account, float(job.get("granted_at", 0)))
+    if late is not None:
+        # The grant stays counted (conservative); the job waits for a fresh one, first in line.
+        lane = job.pop("lane", "live")
+        job.pop("granted_at", None)
+        guard.submit(account, lane, job, front=True)
+        log.info("callrail job deferred", extra={"account": account, "why": late})
+        return "deferred"
     if kind == "recording":
         parsed = parse_recording_api_url(job["api_url"])
         call = parsed[1] if parsed else job["cr_call"]
@@ -222,20 +231,47 @@ def estimate_requests(total_calls: int) -> tuple[int, int]:
 
 
 # -- scheduler jobs -----------------------------------------------------------------------
+DISPATCH_EVERY = 0.25
+DISPATCH_BATCH = 50
+# Granted jobs not yet picked up by a worker: beyond this, dispatch waits for the workers
+# (a grant must be used within the guard's margin, so granting ahead of them only wastes it).
+DISPATCH_MAX_QUEUED = 200
+
+
+def _take_and_send(rt: Runtime, guard: QuotaGuard, account: str) -> int:
+    room = DISPATCH_MAX_QUEUED - int(rt.redis.llen(QUEUE_CALLRAIL))
+    jobs = guard.take(account, max_jobs=min(DISPATCH_BATCH, room)) if room > 0 else []
+    if not jobs:
+        return 0
+    with rt.redis.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            pipe.lpush(QUEUE_CALLRAIL, task_message(TASK_CALLRAIL_JOB, [job], QUEUE_CALLRAIL))
+        pipe.execute()
+    return len(jobs)
+
+
 def dispatch(rt: Runtime) -> int:
-    """Hand granted jobs to the callrail queue, as many as each account's budget allows."""
+    """Hand granted jobs to the callrail queue, as many as each account's budget allows.
+
+    When an account's next grant falls before the next tick, wait for it here (at most one
+    tick in all), so a backlog gets the budget the moment the window frees instead of up to a
+    tick later.
+    """
     guard: QuotaGuard = rt.guard  # type: ignore[attr-defined]
     sent = 0
+    soon: list[tuple[float, str]] = []
     for account in guard.accounts_waiting():
-        jobs = guard.take(account, max_jobs=50)
-        if not jobs:
-            continue
-        with rt.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.lpush(QUEUE_CALLRAIL, task_message(TASK_CALLRAIL_JOB, [job],
-                                                        QUEUE_CALLRAIL))
-            pipe.execute()
-        sent += len(jobs)
+        sent += _take_and_send(rt, guard, account)
+        wait = guard.next_grant_in(account)
+        if wait is not None and 0 < wait < DISPATCH_EVERY:
+            soon.append((wait, account))
+    deadline = time.monotonic() + DISPATCH_EVERY
+    for wait, account in sorted(soon):
+        delay = min(wait, deadline - time.monotonic())
+        if delay < wait:
+            break
+        time.sleep(delay + 0.002)
+        sent += _take_and_send(rt, guard, account)
     return sent
 
 
@@ -258,4 +294,4 @@ def reconcile(rt: Runtime) -> int:
 
 
 def scheduled_jobs() -> list[tuple[str, float, Any]]:
-    return [("callrail_dispatch", 0.25, dispatch), ("reconcile", 5.0, reconcile)]
+    return [("callrail_dispatch", DISPATCH_EVERY, dispatch), ("reconcile", 5.0, reconcile)]

@@ -183,6 +183,25 @@ class QuotaGuard:
                         repr(self.pause_max_seconds), repr(jitter))
         return float(_s(out[0]))
 
+    def still_good(self, account: str, granted_at: float) -> str | None:
+        """Just before spending a grant: None if the request may go now, else why not.
+
+        A grant is only safe when used at once: the guard frees it one window + margin after
+        ``granted_at``, so a request made later than the margin (a backed-up queue, workers
+        restarting) could share a CallRail window with grants made after it was freed. A pause
+        set after the grant (another process saw a 429) also stops it.
+        """
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.get(self._k(account, "paused_until"))
+            (sec, usec), paused = pipe.execute()
+        now = sec + usec / 1e6
+        if paused is not None and float(_s(paused)) > now:
+            return "account paused after a 429"
+        if now - granted_at > self.margin_seconds:
+            return f"grant is {now - granted_at:.2f}s old (margin {self.margin_seconds:g}s)"
+        return None
+
     def record_success(self, account: str) -> None:
         """A CallRail request succeeded: the next 429 starts again from the base pause."""
         self.redis.delete(self._k(account, "pause_level"))

@@ -6,7 +6,7 @@ CallRail's undocumented window, so a client that never gets a 429 here would not
 clock-hour windows either. Requests answered 429 or 401 do not count against the quota.
 
 Control API (no auth): ``POST /_sandbox/accounts/<id>`` ``{"api_key", "calls": [...]}``,
-``POST /_sandbox/force_429`` ``{"account_id", "count"}``, ``GET /_sandbox/stats``,
+``POST /_sandbox/force_429`` ``{"account_id", "count"}``, ``GET /_sandbox/stats[?times=1]``,
 ``POST /_sandbox/reset``. Run: ``python -m rilla_bridge.callrail.sandbox --port N ...``.
 """
 
@@ -40,6 +40,8 @@ class Account:
     force_429: int = 0
     requests: int = 0
     served_429: int = 0
+    # (arrival time, status) of recent requests, for tests and benchmarks (bounded).
+    log: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=100_000))
 
 
 @dataclass
@@ -152,7 +154,9 @@ def make_app(state: SandboxState) -> Flask:
             if not state.admit(acct):
                 acct.served_429 += 1
                 state.served_429 += 1
+                acct.log.append((time.time(), 429))
                 return err(429, "The User or Agency has sent too many requests.")
+            acct.log.append((time.time(), 200))
             return acct
 
     @app.get("/v3/a/<account_id>/calls.json")
@@ -237,11 +241,14 @@ def make_app(state: SandboxState) -> Flask:
 
     @app.get("/_sandbox/stats")
     def stats() -> Response:
+        # ``?times=1`` adds each account's recent requests as [arrival time, status] pairs.
+        times = request.args.get("times") == "1"
         with state.lock:
             return jsonify({
                 "requests": state.requests, "served_429": state.served_429,
                 "by_account": {k: {"requests": a.requests, "served_429": a.served_429,
-                                   "served_ok_window": len(a.hour)}
+                                   "served_ok_window": len(a.hour),
+                                   **({"times": list(a.log)} if times else {})}
                                for k, a in state.accounts.items()},
             })
 

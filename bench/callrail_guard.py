@@ -1,0 +1,136 @@
+"""Benchmark the CallRail quota guard with real processes (issue 4).
+
+Starts the CallRail sandbox (scaled-down quota, rolling windows, 429 when exceeded), the Rilla
+sandbox, the web app, an ``events`` worker, several ``callrail`` workers and two schedulers, then:
+
+1. latency of ordinary deliveries (webhook POST -> appointment stored in the Rilla sandbox) with
+   no CallRail work at all;
+2. the same while a CallRail backlog (``count`` jobs in the live lane) is being dispatched, and
+   for that backlog: budget use (requests / what CallRail's rolling window allows over whole
+   cycles) and requests refused (429s served).
+
+Run: ``.venv/bin/python -m bench.callrail_guard [--redis-url URL] [--cycles 3] [--events 60]``
+(a real Redis is needed; the database given is flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+
+from rilla_bridge.callrail.quota import QuotaGuard
+from tests.system import System
+
+ACCOUNT, API_KEY = "111111111", "acme-callrail-api-key-01"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "callrail" / "post_call.json"
+
+
+def quota_env(hourly: int, hour_s: int) -> dict[str, str]:
+    return {"CALLRAIL_HOURLY_LIMIT": str(hourly), "CALLRAIL_DAILY_LIMIT": str(hourly * 10),
+            "CALLRAIL_HOUR_SECONDS": str(hour_s), "CALLRAIL_DAY_SECONDS": str(hour_s * 10),
+            "RECONCILE_INTERVAL_SECONDS": "3600"}
+
+
+def deliveries(s: System, n: int, tag: str, spacing: float) -> list[float]:
+    """POST ``n`` ordinary webhooks (app recording URLs: no CallRail call); latencies in ms."""
+    base = json.loads(FIXTURE.read_text())
+    sent: dict[str, float] = {}
+    for i in range(n):
+        cid = f"CAL{tag}{i:06d}"
+        body = dict(base, resource_id=cid,
+                    recording=f"https://app.callrail.com/calls/{cid}/recording/redirect?k=1")
+        sent[f"callrail-{cid}"] = time.time()
+        r = s.post_callrail("acme", body, event="post_call")
+        r.raise_for_status()
+        time.sleep(spacing)
+    deadline = time.monotonic() + 30
+    got: dict[str, float] = {}
+    while time.monotonic() < deadline and len(got) < n:
+        for a in s.sandbox("appointments"):
+            if a["event_id"] in sent:
+                got[a["event_id"]] = a["_sandbox"]["created_at"]
+        time.sleep(0.2)
+    if len(got) < n:
+        raise SystemExit(f"only {len(got)} of {n} deliveries arrived")
+    return [(got[k] - sent[k]) * 1000 for k in sent]
+
+
+def summary(ms: list[float]) -> str:
+    qs = statistics.quantiles(ms, n=20)
+    return f"median {statistics.median(ms):.1f} ms, p95 {qs[18]:.1f} ms, max {max(ms):.1f} ms"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    p.add_argument("--hourly", type=int, default=30, help="scaled hourly limit")
+    p.add_argument("--hour-seconds", type=int, default=10, help="scaled hour")
+    p.add_argument("--cycles", type=int, default=3, help="measured windows of backlog")
+    p.add_argument("--events", type=int, default=60, help="deliveries per latency phase")
+    p.add_argument("--workers", type=int, default=3, help="callrail worker processes")
+    a = p.parse_args(argv)
+    client = redis.Redis.from_url(a.redis_url)
+    client.flushdb()
+    s = System(a.redis_url, env_extra=quota_env(a.hourly, a.hour_seconds))
+    try:
+        s.start_callrail_sandbox("--hourly-limit", str(a.hourly), "--daily-limit",
+                                 str(a.hourly * 10), "--hour-seconds", str(a.hour_seconds),
+                                 "--day-seconds", str(a.hour_seconds * 10))
+        requests.post(f"{s.callrail}/_sandbox/accounts/{ACCOUNT}",
+                      json={"api_key": API_KEY, "calls": []}, timeout=5).raise_for_status()
+        client.set("rb:recon:acme", 1, ex=3600)  # no reconciliation traffic in the bench
+        s.start_rilla_sandbox()
+        s.start_web()
+        s.start_worker("worker", "events", 20)
+        for i in range(a.workers):
+            s.start_worker(f"crworker{i}", "callrail", 10)
+        s.start_scheduler("scheduler1")
+        s.start_scheduler("scheduler2")
+        deliveries(s, 10, "warm", 0.02)  # warm up web and worker processes
+        quiet = deliveries(s, a.events, "quiet", 0.05)
+
+        guard = QuotaGuard(client, hourly_limit=a.hourly, daily_limit=a.hourly * 10,
+                           hour_seconds=a.hour_seconds, day_seconds=a.hour_seconds * 10)
+        for _ in range(a.hourly * (a.cycles + 4)):
+            guard.submit(ACCOUNT, "live", {"type": "count", "tenant": "acme", "run": "bench",
+                                           "start_date": "2025-01-01", "end_date": "2025-01-02",
+                                           "tries": 0})
+        cycle = a.hour_seconds + guard.margin_seconds + 0.1
+        busy: list[float] = []
+        runner = threading.Thread(target=lambda: busy.extend(
+            deliveries(s, a.events, "busy", max(0.05, (a.cycles + 1) * cycle / a.events))))
+        runner.start()
+        time.sleep((a.cycles + 1) * cycle + 0.6)
+        runner.join()
+        acct = requests.get(f"{s.callrail}/_sandbox/stats?times=1",
+                            timeout=5).json()["by_account"][ACCOUNT]
+        times = sorted(t for t, _ in acct["times"])
+        starts = [t for i, t in enumerate(times) if i == 0 or t - times[i - 1] > 0.5]
+        out: dict[str, Any] = {"requests": len(times), "served_429": acct["served_429"]}
+        if len(starts) >= a.cycles + 2:
+            t0, t1 = starts[1], starts[1 + a.cycles]  # the first burst warms the workers up
+            used = sum(1 for t in times if t0 <= t < t1)
+            budget = a.hourly * (t1 - t0) / a.hour_seconds
+            out.update(budget_use=round(used / budget, 4), measured_requests=used,
+                       measured_seconds=round(t1 - t0, 2), budget=round(budget, 1))
+        print(f"CallRail backlog: {out}")
+        print(f"deliveries without CallRail work: {summary(quiet)}")
+        print(f"deliveries during the backlog:   {summary(busy)}")
+        print(f"extra latency (median): {statistics.median(busy) - statistics.median(quiet):+.1f}"
+              " ms")
+    finally:
+        s.stop()
+        client.flushdb()
+
+
+if __name__ == "__main__":
+    main()
