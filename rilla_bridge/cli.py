@@ -192,17 +192,18 @@ def _select_ids(dl: DeadLetters, ids: tuple[str, ...], all_: bool, sel: Selector
 
 
 def _bulk(action: str, ids: list[str], fn: Any, dry_run: bool) -> None:
+    stem = action[:-1] if action.endswith("e") else action  # delete -> deleted, deleting
     if dry_run:
         for i in ids:
             click.echo(f"would {action} {i}")
-        click.echo(f"dry run: {len(ids)} dead letter(s) would be {action}ed")
+        click.echo(f"dry run: {len(ids)} dead letter(s) would be {stem}ed")
         return
     done = 0
-    with click.progressbar(ids, label=f"{action}ing", file=sys.stderr,
+    with click.progressbar(ids, label=f"{stem}ing", file=sys.stderr,
                            show_pos=True) as bar:
         for i in bar:
             done += 1 if fn(i) else 0
-    click.echo(f"{action}ed {done} of {len(ids)} dead letter(s)")
+    click.echo(f"{stem}ed {done} of {len(ids)} dead letter(s)")
 
 
 @dlq.command("replay")

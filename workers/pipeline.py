@@ -81,7 +81,8 @@ class Outcome:
 def retry_delay(settings: Settings, attempts: int, retry_after: float | None) -> float:
     """Exponential backoff with equal jitter, capped; never earlier than Retry-After."""
     ceiling = min(settings.retry_max_delay_seconds,
-                  settings.retry_base_seconds * (2 ** max(0, attempts - 1)))
+                  # Exponent capped: 2**1024 overflows a float (tiny caps, long max age).
+                  settings.retry_base_seconds * (2 ** min(max(0, attempts - 1), 60)))
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)
     if retry_after:
         delay = max(delay, min(retry_after, settings.retry_max_delay_seconds))
@@ -144,6 +145,7 @@ def process_event(rt: Runtime, event_id: str) -> str:
         log.warning("event record missing (expired?)", extra={"event": event_id})
         return Outcome.MISSING
     if event.get("status") in TERMINAL:
+        rt.redis.zrem(keys.PENDING, event_id)  # a stray copy must not keep it pending
         return Outcome.DONE_ALREADY
     tenant = rt.tenants.get(event["tenant"])
     if tenant is None:

@@ -38,18 +38,24 @@ return 1
 """
 
 # KEYS: source zset (retry or pending), pending zset, queue. ARGV: now, max score, id, msg, ...
-# Moves each id whose score is still <= max score; ZREM/ZSCORE make it once-only.
+# Moves each id whose score is still <= max score; ZREM/ZSCORE make it once-only. An event
+# already finished (delivered/skipped/dead) is only dropped from both sets, never re-queued.
 _REQUEUE_LUA = """
 local moved = 0
 for i = 3, #ARGV, 2 do
   local id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], id)
-  if score and tonumber(score) <= tonumber(ARGV[2]) then
+  local ek = 'rb:ev:' .. id
+  local st = redis.call('HGET', ek, 'status')
+  if score and (st == 'delivered' or st == 'skipped' or st == 'dead') then
+    -- Finished meanwhile (e.g. by another copy): nothing to queue, nothing pending.
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+  elseif score and tonumber(score) <= tonumber(ARGV[2]) then
     if KEYS[1] ~= KEYS[2] then redis.call('ZREM', KEYS[1], id) end
     redis.call('ZADD', KEYS[2], ARGV[1], id)
     redis.call('LPUSH', KEYS[3], ARGV[i + 1])
-    local ek = 'rb:ev:' .. id
-    if redis.call('EXISTS', ek) == 1 then redis.call('HSET', ek, 'status', 'queued') end
+    if st then redis.call('HSET', ek, 'status', 'queued') end
     moved = moved + 1
   end
 end
