@@ -1,0 +1,1 @@
+"""Benchmarks (issues 2 and 3): see bench/README.md."""
