@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     config = (f"{args.processes} worker process(es) x gevent -c {args.concurrency}, "
               f"web: gunicorn sync x{args.web_workers}, TENANT_MAX_INFLIGHT="
-              f"{args.tenant_max_inflight or 'default (32)'}")
+              f"{args.tenant_max_inflight or 'default (64)'}")
     if args.memory:
         print(f"memory run: {args.memory_events} events at {args.memory_rate}/s; {config}")
         res = run_memory(args)

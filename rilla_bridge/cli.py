@@ -337,7 +337,7 @@ def backfill(slug: str, since: str, until: str | None, yes: bool, wait: bool) ->
                            show_pos=True) as bar:
         done_pages = 0
         while True:
-            info = {k.decode(): v.decode() for k, v in client.hgetall(run_key(run2)).items()}
+            info = {_text(k): _text(v) for k, v in client.hgetall(run_key(run2)).items()}
             pages_now = int(info.get("pages", 0))
             bar.update(pages_now - done_pages)
             done_pages = pages_now
@@ -365,8 +365,12 @@ def _wait_for(client: Any, key: str, field: str, timeout: float) -> dict[str, st
 
     deadline = _t.monotonic() + timeout
     while _t.monotonic() < deadline:
-        info = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+        info = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
         if info.get(field) or info.get("error"):
             return info
         _t.sleep(0.5)
     raise click.ClickException("timed out waiting for the callrail worker (is it running?)")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,7 @@ class Selector:
         return True
 
 
-def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
+def _decode(raw: Mapping[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         name = k.decode()
@@ -121,7 +121,8 @@ class DeadLetters:
                 return
             with self.redis.pipeline(transaction=False) as pipe:
                 for i in ids:
-                    pipe.hmget(keys.dlq_key(i.decode()), LIST_FIELDS)
+                    pipe.hmget(keys.dlq_key(i.decode() if isinstance(i, bytes) else str(i)),
+                               LIST_FIELDS)
                 rows = pipe.execute()
             for row in rows:
                 if row[0] is None:

@@ -96,8 +96,11 @@ class EventStore:
 
     def get(self, event_id: str) -> dict[str, Any] | None:
         raw = self.redis.hgetall(keys.event_key(event_id))
-        if not raw:
-            return None
+        return self.decode(raw) if raw else None
+
+    @staticmethod
+    def decode(raw: dict[Any, Any]) -> dict[str, Any]:
+        """An event hash as read from Redis: text fields decoded, the body left as bytes."""
         out: dict[str, Any] = {}
         for k, v in raw.items():
             name = k.decode()

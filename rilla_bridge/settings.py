@@ -63,11 +63,11 @@ class Settings:
     # Celery/kombu: a message not acked this long after a worker took it is handed out again.
     visibility_timeout_seconds: int = 60
     # Events still pending this long (nothing finished them) are enqueued again by the scheduler.
-    stale_pending_seconds: int = 150
+    stale_pending_seconds: int = 90
     rilla_connect_timeout: float = 3.05
     rilla_read_timeout: float = 20.0
     # At most this many deliveries of one tenant in flight at once, across all workers.
-    tenant_max_inflight: int = 32
+    tenant_max_inflight: int = 64
     callrail_hour_seconds: int = 3600      # quota window lengths; tests shrink them
     callrail_day_seconds: int = 86400
     callrail_pause_base_seconds: float = 60.0

@@ -212,7 +212,7 @@ def start_run(client: redis.Redis, guard: QuotaGuard, tenant: Tenant, lane: str,
     """Queue the first job of a reconciliation or backfill run; returns the run id."""
     assert tenant.callrail is not None and tenant.callrail.account_id
     run_id = f"{lane}-{tenant.slug}-{uuid.uuid4().hex[:10]}"
-    window = {"start_date": start.isoformat(timespec="seconds"),
+    window: dict[Any, Any] = {"start_date": start.isoformat(timespec="seconds"),
               "end_date": end.isoformat(timespec="seconds")}
     client.hset(run_key(run_id), mapping={"tenant": tenant.slug, "lane": lane,
                                            "started": time.time(), **window})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from rilla_bridge.settings import Settings
 from rilla_bridge.taskqueue import QUEUE_CALLRAIL, QUEUE_EVENTS

@@ -86,14 +86,15 @@ def retry_delay(settings: Settings, attempts: int, retry_after: float | None) ->
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)
     if retry_after:
         delay = max(delay, min(retry_after, settings.retry_max_delay_seconds))
-    return delay
+    return float(delay)
 
 
 def _finish(rt: Runtime, event_id: str, status: str, outcome: str, entry: str,
             extra: dict[str, Any] | None = None, pipe: Any = None) -> None:
     own = pipe is None
     p = rt.redis.pipeline() if own else pipe
-    p.hset(keys.event_key(event_id), mapping={"status": status, **(extra or {})})
+    fields: dict[Any, Any] = {"status": status, **(extra or {})}
+    p.hset(keys.event_key(event_id), mapping=fields)
     p.rpush(keys.timeline_key(event_id), entry)
     p.expire(keys.timeline_key(event_id), rt.settings.event_retention_seconds)
     if status in TERMINAL:
@@ -138,8 +139,11 @@ def _requeue_later(rt: Runtime, event_id: str, delay: float, status: str, entry:
 def process_event(rt: Runtime, event_id: str) -> str:
     """Take one stored event as far as it can go now; returns the Outcome name."""
     # Refresh the pending score: the sweeper must not take a running event for a lost one.
-    rt.redis.zadd(keys.PENDING, {event_id: time.time()}, xx=True)
-    event = rt.store.get(event_id)
+    with rt.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.PENDING, {event_id: time.time()}, xx=True)
+        pipe.hgetall(keys.event_key(event_id))
+        raw_event = pipe.execute()[1]
+    event = rt.store.decode(raw_event) if raw_event else None
     if event is None:
         rt.redis.zrem(keys.PENDING, event_id)
         log.warning("event record missing (expired?)", extra={"event": event_id})
@@ -170,13 +174,29 @@ def process_event(rt: Runtime, event_id: str) -> str:
     call_id = parsed.call_id
     snapshot = {"rank": parsed.rank, "received_at": float(event["received_at"]),
                 "fields": parsed.fields}
-    rt.calls.add_snapshot(event["tenant"], source, call_id, event_id, snapshot)
-    if kind not in DELIVERY_KINDS:
+    token = secrets.token_hex(8)
+    got, state = rt.calls.snapshot_and_acquire(
+        tenant.slug, source, call_id, event_id, snapshot, token=token,
+        lease_ms=_lease_ms(rt), max_inflight=rt.settings.tenant_max_inflight,
+        want_lock=kind in DELIVERY_KINDS)
+    if got == 2:
         reason = f"{kind} event: merged into the call's state, not delivered on its own"
         _finish(rt, event_id, "skipped", Outcome.SKIPPED,
                 timeline_entry("skipped", reason=reason), {"reason": reason})
         return Outcome.SKIPPED
-    return deliver(rt, event, tenant, call_id)
+    if got != 1 or state is None:
+        return _busy(rt, event_id, got)
+    return _deliver_locked(rt, event, tenant, call_id, token, state)
+
+
+def _lease_ms(rt: Runtime) -> int:
+    return int((rt.settings.rilla_connect_timeout + rt.settings.rilla_read_timeout + 15) * 1000)
+
+
+def _busy(rt: Runtime, event_id: str, got: int) -> str:
+    why = "another delivery of this call" if got == 0 else "the tenant's in-flight cap"
+    return _requeue_later(rt, event_id, BUSY_REQUEUE_SECONDS * (1 + random.random()),
+                          "waiting", timeline_entry("waiting", reason=why), Outcome.BUSY)
 
 
 def _fingerprint(api_key: str, action: Upsert | Delete) -> str:
@@ -187,19 +207,21 @@ def _fingerprint(api_key: str, action: Upsert | Delete) -> str:
 
 def deliver(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str) -> str:
     """Deliver the call's merged state under its lock (so Rilla never gets older data last)."""
-    event_id, source = event["id"], event["source"]
     token = secrets.token_hex(8)
-    lease_ms = int((rt.settings.rilla_connect_timeout + rt.settings.rilla_read_timeout + 15)
-                   * 1000)
-    got = rt.calls.acquire(tenant.slug, source, call_id, token, lease_ms,
+    got = rt.calls.acquire(tenant.slug, event["source"], call_id, token, _lease_ms(rt),
                            rt.settings.tenant_max_inflight)
     if got != 1:
-        why = "another delivery of this call" if got == 0 else "the tenant's in-flight cap"
-        return _requeue_later(rt, event_id, BUSY_REQUEUE_SECONDS * (1 + random.random()),
-                              "waiting", timeline_entry("waiting", reason=why), Outcome.BUSY)
+        return _busy(rt, event["id"], got)
+    # Read the state under the lock: a newer event delivered just before us is included.
+    state = rt.calls.get(tenant.slug, event["source"], call_id)
+    return _deliver_locked(rt, event, tenant, call_id, token, state)
+
+
+def _deliver_locked(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
+                    token: str, state: dict[str, Any]) -> str:
+    event_id, source = event["id"], event["source"]
+    released = False
     try:
-        # Read the state under the lock: a newer event delivered just before us is included.
-        state = rt.calls.get(tenant.slug, source, call_id)
         merged = merge_snapshots(state["snapshots"])
         try:
             action = build_action(source, call_id, merged, tenant, state["resolved"])
@@ -212,23 +234,26 @@ def deliver(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str) ->
             return Outcome.SKIPPED
         if isinstance(action, NeedsRecording):
             return _needs_recording(rt, event, tenant, action)
-        return _send(rt, event, tenant, call_id, state, action)
+        outcome, released = _send(rt, event, tenant, call_id, state, action, token)
+        return outcome
     finally:
-        # A release lost to a Redis hiccup is harmless: the lease expires on its own.
-        try:
-            rt.calls.release(rt.redis, tenant.slug, source, call_id, token)
-        except redis.RedisError:
-            log.warning("could not release call lock", extra={"event": event_id})
+        if not released:
+            # A release lost to a Redis hiccup is harmless: the lease expires on its own.
+            try:
+                rt.calls.release(rt.redis, tenant.slug, source, call_id, token)
+            except redis.RedisError:
+                log.warning("could not release call lock", extra={"event": event_id})
 
 
 def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
-          state: dict[str, Any], action: Upsert | Delete) -> str:
+          state: dict[str, Any], action: Upsert | Delete, token: str) -> tuple[str, bool]:
+    """POST/DELETE and record the outcome; returns (outcome, lock already released)."""
     event_id, source = event["id"], event["source"]
     fp = _fingerprint(tenant.rilla_api_key, action)
     if state.get("delivered") == fp:
         _finish(rt, event_id, "delivered", Outcome.UNCHANGED,
                 timeline_entry("delivered", note="Rilla already has this exact data"))
-        return Outcome.UNCHANGED
+        return Outcome.UNCHANGED, False
     now = time.time()
     attempts = int(event.get("attempts") or 0) + 1
     first = float(event.get("first_attempt_at") or 0) or now
@@ -244,38 +269,42 @@ def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
     attempt = timeline_entry(
         "attempt", n=attempts, op="upsert" if payload is not None else "delete",
         status=result.status, body=(result.body or result.error or "")[:200], ms=ms)
-    tracking = {"attempts": attempts, "first_attempt_at": repr(first),
+    tracking: dict[Any, Any] = {"attempts": attempts, "first_attempt_at": repr(first),
                 "last_attempt_at": repr(now), "last_status": result.status or "",
                 "last_payload": json.dumps(payload) if payload is not None else ""}
+    event.update(tracking)
+    if result.kind == "ok":
+        # The common case in one round trip: attempt, outcome, call state, lock release.
+        with rt.redis.pipeline() as pipe:
+            pipe.hset(keys.event_key(event_id), mapping=tracking)
+            pipe.rpush(keys.timeline_key(event_id), attempt)
+            pipe.hset(keys.call_key(tenant.slug, source, call_id), "delivered", fp)
+            what = "delivered" if payload is not None else "deleted"
+            _finish(rt, event_id, "delivered", Outcome.DELIVERED, timeline_entry(what), pipe=pipe)
+            rt.calls.release(pipe, tenant.slug, source, call_id, token)
+            pipe.execute()
+        return Outcome.DELIVERED, True
     with rt.redis.pipeline() as pipe:
         pipe.hset(keys.event_key(event_id), mapping=tracking)
         pipe.rpush(keys.timeline_key(event_id), attempt)
         pipe.execute()
-    event.update(tracking)
-    if result.kind == "ok":
-        with rt.redis.pipeline() as pipe:
-            pipe.hset(keys.call_key(tenant.slug, source, call_id), "delivered", fp)
-            what = "delivered" if payload is not None else "deleted"
-            _finish(rt, event_id, "delivered", Outcome.DELIVERED, timeline_entry(what), pipe=pipe)
-            pipe.execute()
-        return Outcome.DELIVERED
     if result.kind == "permanent":
         reason = (f"Rilla answered {result.status}: {(result.body or '').strip()[:300]}"
                   if result.status is not None else f"refused before sending: {result.error}")
         return dead_letter(rt, event, "rilla_rejected", reason, rilla_event_id=rilla_event_id,
-                           result=result, payload=payload)
+                           result=result, payload=payload), False
     age = now - first
     if age >= rt.settings.retry_max_age_seconds:
         reason = (f"gave up after {attempts} attempts over {int(age)}s; last: "
                   f"{result.status or result.error}")
         return dead_letter(rt, event, "retries_exhausted", reason,
-                           rilla_event_id=rilla_event_id, result=result, payload=payload)
+                           rilla_event_id=rilla_event_id, result=result, payload=payload), False
     delay = retry_delay(rt.settings, attempts, result.retry_after)
     delay = min(delay, max(0.0, rt.settings.retry_max_age_seconds - age) + 0.01)
     return _requeue_later(
         rt, event_id, delay, "retry_scheduled",
         timeline_entry("retry_scheduled", in_s=round(delay, 2), after=result.status or
-                       result.error), Outcome.RETRY)
+                       result.error), Outcome.RETRY), False
 
 
 def _needs_recording(rt: Runtime, event: dict[str, Any], tenant: Tenant,

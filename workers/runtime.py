@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
 from rilla_bridge.redis_conn import make_redis, warn_unless_noeviction
@@ -14,6 +15,7 @@ from workers.pipeline import Runtime
 
 log = logging.getLogger("rilla_bridge.worker")
 _runtime: tuple[int, Runtime] | None = None
+_lock = threading.Lock()  # gevent patches it: the first tasks of a worker build one Runtime
 
 
 def build_runtime(settings: Settings | None = None) -> Runtime:
@@ -36,5 +38,7 @@ def build_runtime(settings: Settings | None = None) -> Runtime:
 def runtime() -> Runtime:
     global _runtime
     if _runtime is None or _runtime[0] != os.getpid():
-        _runtime = (os.getpid(), build_runtime())
+        with _lock:
+            if _runtime is None or _runtime[0] != os.getpid():
+                _runtime = (os.getpid(), build_runtime())
     return _runtime[1]

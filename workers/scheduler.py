@@ -58,7 +58,7 @@ def default_jobs() -> list[Job]:
 
     return [
         Job("retries", 0.5, move_due_retries),
-        Job("sweep", 15.0, sweep_lost),
+        Job("sweep", 10.0, sweep_lost),
         *[Job(name, every, fn) for name, every, fn in callrail_jobs.scheduled_jobs()],
     ]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -29,6 +30,27 @@ end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
+"""
+
+# KEYS: call hash, call lock, tenant in-flight zset.
+# ARGV: snapshot field, snapshot JSON, retention s, token, lease ms, max in flight, want lock.
+# Stores the event's snapshot and, when asked, takes the call's lock in the same step; when
+# the lock is taken the whole call state comes back, read under the lock. One round trip.
+_SNAPSHOT_ACQUIRE_LUA = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[7] ~= '1' then return {2} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return {0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
+  redis.call('DEL', KEYS[2])
+  return {-1}
+end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return {1, redis.call('HGETALL', KEYS[1])}
 """
 
 _RELEASE_LUA = """
@@ -70,6 +92,7 @@ class CallState:
         self.redis = client
         self.retention = retention
         self._acquire = client.register_script(_ACQUIRE_LUA)
+        self._snapshot_acquire = client.register_script(_SNAPSHOT_ACQUIRE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._requeue = client.register_script(_REQUEUE_LUA)
 
@@ -81,6 +104,23 @@ class CallState:
             pipe.hset(key, f"s:{event_id}", json.dumps(snapshot, separators=(",", ":")))
             pipe.expire(key, self.retention)
             pipe.execute()
+
+    def snapshot_and_acquire(self, tenant: str, source: str, call_id: str, event_id: str,
+                             snapshot: dict[str, Any], *, token: str, lease_ms: int,
+                             max_inflight: int, want_lock: bool
+                             ) -> tuple[int, dict[str, Any] | None]:
+        """Store the snapshot; with ``want_lock``, also try the lock (1 taken, 0 call busy,
+        -1 tenant at its cap; 2 = not asked). The call state is returned only when taken."""
+        reply = self._snapshot_acquire(
+            keys=[keys.call_key(tenant, source, call_id),
+                  keys.call_lock_key(tenant, source, call_id), keys.inflight_key(tenant)],
+            args=[f"s:{event_id}", json.dumps(snapshot, separators=(",", ":")), self.retention,
+                  token, lease_ms, max_inflight, "1" if want_lock else "0"])
+        code = int(reply[0])
+        if code != 1:
+            return code, None
+        flat = reply[1]
+        return code, decode_call_state(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def get(self, tenant: str, source: str, call_id: str) -> dict[str, Any]:
         return decode_call_state(self.redis.hgetall(keys.call_key(tenant, source, call_id)))
@@ -110,12 +150,12 @@ class CallState:
             return 0
         args: list[Any] = [repr(time.time()), repr(max_score)]
         for raw in ids:
-            eid = raw.decode()
+            eid = raw.decode() if isinstance(raw, bytes) else str(raw)
             args += [eid, process_event_message(eid)]
         return int(self._requeue(keys=[source_key, keys.PENDING, QUEUE_EVENTS], args=args))
 
 
-def decode_call_state(raw: dict[bytes, bytes]) -> dict[str, Any]:
+def decode_call_state(raw: Mapping[Any, Any]) -> dict[str, Any]:
     snapshots: list[dict[str, Any]] = []
     resolved: dict[str, str] = {}
     out: dict[str, Any] = {"snapshots": snapshots, "resolved": resolved, "delivered": None}
