@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -24,7 +23,6 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 import redis
-import requests
 
 from rilla_bridge.settings import Settings
 
@@ -178,9 +176,3 @@ def run_local() -> None:
             redis_proc.terminate()
             redis_proc.wait(timeout=15)
 
-
-def _json(resp: requests.Response) -> str:
-    try:
-        return json.dumps(resp.json())
-    except ValueError:
-        return resp.text[:200]

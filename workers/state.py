@@ -96,15 +96,6 @@ class CallState:
         self._release = client.register_script(_RELEASE_LUA)
         self._requeue = client.register_script(_REQUEUE_LUA)
 
-    def add_snapshot(self, tenant: str, source: str, call_id: str, event_id: str,
-                     snapshot: dict[str, Any]) -> None:
-        """Store this event's snapshot of the call (an event seen twice overwrites itself)."""
-        key = keys.call_key(tenant, source, call_id)
-        with self.redis.pipeline() as pipe:
-            pipe.hset(key, f"s:{event_id}", json.dumps(snapshot, separators=(",", ":")))
-            pipe.expire(key, self.retention)
-            pipe.execute()
-
     def snapshot_and_acquire(self, tenant: str, source: str, call_id: str, event_id: str,
                              snapshot: dict[str, Any], *, token: str, lease_ms: int,
                              max_inflight: int, want_lock: bool
