@@ -20,14 +20,21 @@ from rilla_bridge import redis_conn as keys
 from rilla_bridge.taskqueue import QUEUE_EVENTS, process_event_message
 
 # KEYS: dedup, event hash, pending zset, queue list
-# ARGV: event id, queue message ('' = do not enqueue), dedup ttl, retention, score, field pairs...
+# ARGV: event id, queue message ('' = do not enqueue), dedup ttl, retention, received at,
+#       tenant, source, kind, status, size, sha256, call id, then optional field pairs.
+# Field names live here, not in ARGV: fewer arguments to pack on the hot path.
 _INTAKE_LUA = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('HSET', KEYS[2], 'id', ARGV[1], 'received_at', ARGV[5], 'tenant', ARGV[6],
+  'source', ARGV[7], 'kind', ARGV[8], 'status', ARGV[9], 'size', ARGV[10], 'sha256', ARGV[11],
+  'call_id', ARGV[12])
+if #ARGV > 12 then
+  local fields = {}
+  for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[2], unpack(fields))
+end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
@@ -74,11 +81,7 @@ class EventStore:
         now = time.time()
         event_id = new_event_id(now)
         digest = hashlib.sha256(body).hexdigest()
-        fields: list[Any] = [
-            "id", event_id, "tenant", tenant, "source", source, "kind", kind,
-            "received_at", repr(now), "status", status, "size", len(body), "sha256", digest,
-            "call_id", call_id or "",
-        ]
+        fields: list[Any] = []
         if keep_body:
             fields += ["body", body]
         if note:
@@ -89,7 +92,8 @@ class EventStore:
         code, stored_id = self._intake(
             keys=[keys.dedup_key(source, tenant, kind, digest), keys.event_key(event_id),
                   keys.PENDING, QUEUE_EVENTS],
-            args=[event_id, message, self.dedup_window, self.retention, repr(now), *fields],
+            args=[event_id, message, self.dedup_window, self.retention, repr(now), tenant,
+                  source, kind, status, len(body), digest, call_id or "", *fields],
         )
         sid = stored_id.decode() if isinstance(stored_id, bytes) else str(stored_id)
         return Stored(event_id=sid, duplicate=not code)
