@@ -87,3 +87,12 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
               for i, c in enumerate(cols)]
     line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths, strict=True))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def teardown(sysm: Any, redis_url: str) -> None:
+    """Stop a benchmark's processes, remove their work dir and flush its Redis db."""
+    import shutil
+
+    sysm.stop()
+    shutil.rmtree(sysm.workdir, ignore_errors=True)
+    flush(redis_url)

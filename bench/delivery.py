@@ -45,6 +45,7 @@ from bench.common import (
     machine,
     rerun_command,
     table,
+    teardown,
     write_results,
 )
 from rilla_bridge.taskqueue import task_message
@@ -230,9 +231,7 @@ def run_baseline(args: argparse.Namespace, latency_ms: int) -> dict[str, Any]:
         out["worker_rss_mb"] = [round(psutil.Process(p).memory_info().rss / 2**20, 1)
                                 for p in pids]
     finally:
-        sysm.stop()
-        shutil.rmtree(sysm.workdir, ignore_errors=True)
-        flush(args.redis)
+        teardown(sysm, args.redis)
     return out
 
 
@@ -280,9 +279,7 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any]:
         out["rss_max_mb"] = [max(s["rss_mb"][i] for s in samples) for i in range(len(pids))]
         return out
     finally:
-        sysm.stop()
-        shutil.rmtree(sysm.workdir, ignore_errors=True)
-        flush(args.redis)
+        teardown(sysm, args.redis)
 
 
 def main(argv: list[str] | None = None) -> int:

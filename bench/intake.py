@@ -41,6 +41,7 @@ from bench.common import (
     machine,
     rerun_command,
     table,
+    teardown,
     write_results,
 )
 from tests.support import free_port, wait_for
@@ -178,9 +179,7 @@ def run_app(label: str, cfg: dict[str, Any], bodies: Path, args: argparse.Namesp
     try:
         return measure(label, sysm, port, bodies, args, cfg, prof)
     finally:
-        sysm.stop()
-        shutil.rmtree(sysm.workdir, ignore_errors=True)
-        flush(args.redis)
+        teardown(sysm, args.redis)
 
 
 def main(argv: list[str] | None = None) -> int:
