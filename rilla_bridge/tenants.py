@@ -173,6 +173,10 @@ def parse_tenants(text: str, env: Mapping[str, str] | None = None) -> dict[str, 
     tenants = doc.get("tenants", {})
     if not isinstance(tenants, dict):
         raise ConfigError("tenants file: [tenants] must be a table")
+    if not tenants:
+        # A file caught half-written (truncated, then filled) reads as no tenants at all; a
+        # worker that accepted that would dead-letter every event as "unknown tenant".
+        raise ConfigError("tenants file defines no tenants (add a [tenants.<slug>] table)")
     return {slug: _tenant(slug, raw, env) for slug, raw in tenants.items()}
 
 

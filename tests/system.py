@@ -71,7 +71,7 @@ class System:
         return f"http://127.0.0.1:{self.callrail_port}"
 
     def env(self) -> dict[str, str]:
-        (self.workdir / "tenants.toml").write_text(self.tenants)
+        self._write_tenants()
         env = dict(os.environ)
         env.update({
             "REDIS_URL": self.redis_url,
@@ -88,6 +88,16 @@ class System:
         env.pop("PROMETHEUS_MULTIPROC_DIR")
         env.update(self.env_extra)
         return env
+
+    def _write_tenants(self) -> None:
+        """Replace the tenants file atomically, and only when it changed: a process starting
+        while the file is being rewritten in place would read it half-written."""
+        path = self.workdir / "tenants.toml"
+        if path.exists() and path.read_text() == self.tenants:
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.tenants)
+        os.replace(tmp, path)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"

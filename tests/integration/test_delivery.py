@@ -230,10 +230,6 @@ def test_server_errors_then_recovery(systems: Callable[..., System],
 
 # -- d) 422: dead-lettered at once, fixed, replayed --------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky, under investigation: in about 1 run of 3 the first dead letter has no Rilla "
-    "status and 0 attempts (dead-lettered before an attempt); the 422/replay path itself "
-    "passes in the other runs and in tests/unit/test_pipeline.py"))
 def test_unknown_rep_dead_lettered_then_replayed(systems: Callable[..., System],
                                                  store: EventStore) -> None:
     s = systems()

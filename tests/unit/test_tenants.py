@@ -71,8 +71,11 @@ def test_interpolated_value_is_not_interpolated_again() -> None:
     assert t.rilla_api_key == "${B}"
 
 
-def test_no_tenants_is_an_empty_mapping() -> None:
-    assert parse_tenants("", env={}) == {}
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "[tenants]\n"])
+def test_a_file_without_tenants_is_an_error(text: str) -> None:
+    # An empty file is what a worker sees while an editor truncates and rewrites it.
+    assert _error(text, env={}) == (
+        "tenants file defines no tenants (add a [tenants.<slug>] table)")
 
 
 def _error(text: str, env: dict[str, str] | None = None) -> str:
