@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -165,8 +166,9 @@ def run_ours(args: argparse.Namespace, latency_ms: int, steady: bool) -> dict[st
         t_start, pids = start_workers(sysm, args)
         t_done = wait_upserts(sysm, accepted, args.timeout)
         out.update(_rates(sysm, accepted, t_start, t_done))
-        stats = {k.decode(): int(v) for k, v in
-                 redis.Redis.from_url(args.redis).hgetall("rb:stats").items()}
+        raw: dict[bytes, bytes] = redis.Redis.from_url(args.redis).hgetall(  # type: ignore[assignment]
+            "rb:stats")
+        stats = {k.decode(): int(v) for k, v in raw.items()}
         out["rb_stats"] = stats
         out["worker_rss_mb"] = [round(psutil.Process(p).memory_info().rss / 2**20, 1)
                                 for p in pids]
@@ -224,8 +226,12 @@ def run_baseline(args: argparse.Namespace, latency_ms: int) -> dict[str, Any]:
                 baseline_celery.QUEUE, "-P", "gevent", "-c", str(args.concurrency),
                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
                 "-n", f"{name}@%h"]).pid)
-            wait_for(lambda n=name: b"ready" in sysm.logs[n].read_bytes(), timeout=30,
-                     what=f"{name} ready")
+            log_file = sysm.logs[name]
+
+            def ready(f: Path = log_file) -> bool:
+                return b"ready" in f.read_bytes()
+
+            wait_for(ready, timeout=30, what=f"{name} ready")
         t_done = wait_upserts(sysm, args.events, args.timeout)
         out.update(_rates_baseline(sysm, args.events, t_start, t_done))
         out["worker_rss_mb"] = [round(psutil.Process(p).memory_info().rss / 2**20, 1)

@@ -81,7 +81,7 @@ def wrk(url: str, bodies: Path, seconds: float, connections: int, threads: int) 
            "--timeout", "5s", "-s", str(LUA), url, "--", str(bodies), str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
     line = next(x for x in out.stdout.splitlines() if x.startswith("WRKJSON "))
-    res = json.loads(line[len("WRKJSON "):])
+    res: dict[str, Any] = json.loads(line[len("WRKJSON "):])
     res["rps"] = round(res["requests"] / (res["duration_us"] / 1e6), 1)
     res["ok"] = res["codes"].get("202", 0)
     return res

@@ -10,7 +10,7 @@ from typing import Any
 import fakeredis
 import pytest
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 from kombu.transport import redis as kombu_redis
 
 from rilla_bridge.taskqueue import (
