@@ -69,6 +69,31 @@ class BodyFactory:
         return raw, callrail_signature(ACME_SIGNING_KEY, raw)
 
 
+def cpu_seconds(procs: dict[str, Any], redis_url: str) -> dict[str, float]:
+    """User+system CPU seconds so far of each named process (with its children) and of the
+    Redis server: take one reading before and one after a run and subtract."""
+    import psutil
+
+    out: dict[str, float] = {}
+    pids = {name: p.pid for name, p in procs.items()}
+    pids["redis"] = int(redis.Redis.from_url(redis_url).info("server")["process_id"])
+    for name, pid in pids.items():
+        try:
+            proc = psutil.Process(pid)
+            total = 0.0
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            continue
+        out[name] = total
+    return out
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
+
+
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

@@ -42,6 +42,8 @@ from bench.common import (
     DEFAULT_REDIS,
     ROOT,
     BodyFactory,
+    cpu_seconds,
+    cpu_used,
     flush,
     machine,
     rerun_command,
@@ -163,8 +165,10 @@ def run_ours(args: argparse.Namespace, latency_ms: int, steady: bool) -> dict[st
         out["intake_rps"] = round(args.events / out["post_seconds"], 1)
         accepted = poster.codes.get(202, 0)   # a failed POST is the poster's, not a delivery
         out["n"] = accepted
+        cpu0 = cpu_seconds(sysm.procs, args.redis)
         t_start, pids = start_workers(sysm, args)
         t_done = wait_upserts(sysm, accepted, args.timeout)
+        out["cpu_s"] = cpu_used(cpu0, cpu_seconds(sysm.procs, args.redis))
         out.update(_rates(sysm, accepted, t_start, t_done))
         raw: dict[bytes, bytes] = redis.Redis.from_url(args.redis).hgetall(  # type: ignore[assignment]
             "rb:stats")
@@ -196,6 +200,13 @@ def steady_latency(sysm: System, poster: Poster, args: argparse.Namespace) -> di
             "mean_ms": round(statistics.fmean(lat), 1)}
 
 
+def _cpu_ms(run: dict[str, Any] | None) -> str:
+    """Machine CPU (all our processes and Redis) per delivery while the backlog drained."""
+    if not run or not run.get("cpu_s") or not run.get("n"):
+        return "-"
+    return f"{1000 * sum(run['cpu_s'].values()) / run['n']:.2f}"
+
+
 def _rates(sysm: System, n: int, t_start: float, t_done: float | None) -> dict[str, Any]:
     if t_done is None:
         return {"delivered": sandbox_ok(sysm), "timed_out": True}
@@ -217,6 +228,7 @@ def run_baseline(args: argparse.Namespace, latency_ms: int) -> dict[str, Any]:
                 pipe.lpush(baseline_celery.QUEUE,
                            task_message(baseline_celery.TASK, [i], baseline_celery.QUEUE))
             pipe.execute()
+        cpu0 = cpu_seconds(sysm.procs, args.redis)
         t_start = time.monotonic()
         pids = []
         for k in range(args.processes):
@@ -233,6 +245,7 @@ def run_baseline(args: argparse.Namespace, latency_ms: int) -> dict[str, Any]:
 
             wait_for(ready, timeout=30, what=f"{name} ready")
         t_done = wait_upserts(sysm, args.events, args.timeout)
+        out["cpu_s"] = cpu_used(cpu0, cpu_seconds(sysm.procs, args.redis))
         out.update(_rates_baseline(sysm, args.events, t_start, t_done))
         out["worker_rss_mb"] = [round(psutil.Process(p).memory_info().rss / 2**20, 1)
                                 for p in pids]
@@ -323,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows, runs = [], []
     for i, lat in enumerate(args.latencies):
-        steady = i == len(args.latencies) - 1
+        steady = i == len(args.latencies) - 1 and args.steady_seconds > 0
         ours = run_ours(args, lat, steady)
         base = None if args.no_baseline else run_baseline(args, lat)
         runs += [ours] + ([base] if base else [])
@@ -334,11 +347,15 @@ def main(argv: list[str] | None = None) -> int:
                "baseline /s (first-last)": base.get("per_s_steady") if base else "",
                "ratio (wall)": round(ours["per_s_wall"] / base["per_s_wall"], 3)
                if base and ours.get("per_s_wall") and base.get("per_s_wall") else "",
+               "CPU ms/delivery ours / base": f"{_cpu_ms(ours)} / {_cpu_ms(base)}",
                "busy requeues": ours.get("rb_stats", {}).get("requeued_busy", 0),
                "post codes": ours.get("post_codes"),
                "intake req/s": ours.get("intake_rps")}
         rows.append(row)
         print(table([row], list(row)), flush=True)
+        for run in (ours, base):
+            if run and run.get("cpu_s"):
+                print(f"  CPU seconds while draining, {run['pipeline']}: {run['cpu_s']}")
     print(f"\ndeliveries/s, {config}; {os.cpu_count()} CPUs; target >= 500/s at 100 ms")
     print(table(rows, list(rows[0])))
     st = runs[-2 if not args.no_baseline else -1].get("steady")

@@ -24,7 +24,8 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
+
+from rilla_bridge.http import http_session
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,7 @@ class RillaClient:
             return self._session
 
     def _new_session(self) -> requests.Session:
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize,
-                              max_retries=0, pool_block=False)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
+        session = http_session(self.base_url, pool_maxsize=self.pool_maxsize)
         session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         return session
 

@@ -20,10 +20,12 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 
+from rilla_bridge.http import http_session
+
 ResultKind = Literal["ok", "rate_limited", "retryable", "permanent"]
 
 _RECORDING_PATH = re.compile(r"^/v3/a/([^/]+)/calls/([^/]+)/recording\.json$")
-_sessions: dict[int, requests.Session] = {}
+_sessions: dict[tuple[int, str], requests.Session] = {}
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,14 @@ def parse_recording_api_url(url: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def _session() -> requests.Session:
+def _session(base_url: str) -> requests.Session:
     # A Session is not safe to share across fork(): each process gets its own pool.
     pid = os.getpid()
-    session = _sessions.get(pid)
+    session = _sessions.get((pid, base_url))
     if session is None:
-        _sessions.clear()
-        session = _sessions[pid] = requests.Session()
+        if any(p != pid for p, _ in _sessions):
+            _sessions.clear()
+        session = _sessions[(pid, base_url)] = http_session(base_url)
     return session
 
 
@@ -152,7 +155,7 @@ class CallRailClient:
         try:
             # No redirects: requests would follow one to another host; CallRail API never
             # redirects, so a 3xx is a misconfiguration and is reported as permanent.
-            resp = _session().get(url, headers=headers, timeout=self.timeout,
+            resp = _session(self.base_url).get(url, headers=headers, timeout=self.timeout,
                                   allow_redirects=False)
         except requests.Timeout:
             return CallRailResult("retryable", None, None, f"timeout on GET {where}")
