@@ -42,6 +42,8 @@ def create_app(
                             retention=settings.event_retention_seconds),
         MAX_CONTENT_LENGTH=None,  # the intake view enforces the limit itself, streaming
     )
+    # "//" in a webhook URL is a wrong URL (404), not a 308 redirect a sender might not follow.
+    app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
 
     @app.before_request

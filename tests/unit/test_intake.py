@@ -252,6 +252,7 @@ def test_callingly_token_in_header_is_not_enough(client: FlaskClient) -> None:
     "/webhooks/callrail/cgonly", "/webhooks/callrail/bare",
     "/webhooks/callingly/cronly", "/webhooks/callingly/bare", "/webhooks/callingly/vector",
     "/webhooks/callrail/ACME", "/webhooks/callrail/", "/webhooks/other/acme",
+    "/webhooks/callrail//acme", "/webhooks//callrail/acme",  # found by the fuzzer: was a 308
 ])
 def test_unknown_tenant_or_missing_section(client: FlaskClient, fake_redis: fakeredis.FakeRedis,
                                            path: str) -> None:
