@@ -21,18 +21,26 @@ from rilla_bridge.taskqueue import QUEUE_EVENTS, process_event_message
 
 # KEYS: dedup, event hash, pending zset, queue list
 # ARGV: event id, queue message ('' = do not enqueue), dedup ttl, retention, received at,
-#       tenant, source, kind, status, size, sha256, call id, then optional field pairs.
-# Field names live here, not in ARGV: fewer arguments to pack on the hot path.
+#       tenant, source, kind, status, size, sha256, call id, body ('' = not kept), then
+#       optional field pairs.
+# Field names live here, not in ARGV, and the usual event is one HSET: the script is most of
+# Redis's work per webhook.
 _INTAKE_LUA = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'received_at', ARGV[5], 'tenant', ARGV[6],
-  'source', ARGV[7], 'kind', ARGV[8], 'status', ARGV[9], 'size', ARGV[10], 'sha256', ARGV[11],
-  'call_id', ARGV[12])
-if #ARGV > 12 then
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[2], 'id', ARGV[1], 'received_at', ARGV[5], 'tenant', ARGV[6],
+    'source', ARGV[7], 'kind', ARGV[8], 'status', ARGV[9], 'size', ARGV[10],
+    'sha256', ARGV[11], 'call_id', ARGV[12], 'body', ARGV[13])
+else
+  redis.call('HSET', KEYS[2], 'id', ARGV[1], 'received_at', ARGV[5], 'tenant', ARGV[6],
+    'source', ARGV[7], 'kind', ARGV[8], 'status', ARGV[9], 'size', ARGV[10],
+    'sha256', ARGV[11], 'call_id', ARGV[12])
+end
+if #ARGV > 13 then
   local fields = {}
-  for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[2], unpack(fields))
 end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -82,8 +90,6 @@ class EventStore:
         event_id = new_event_id(now)
         digest = hashlib.sha256(body).hexdigest()
         fields: list[Any] = []
-        if keep_body:
-            fields += ["body", body]
         if note:
             fields += ["note", note]
         for k, v in (extra or {}).items():
@@ -93,7 +99,8 @@ class EventStore:
             keys=[keys.dedup_key(source, tenant, kind, digest), keys.event_key(event_id),
                   keys.PENDING, QUEUE_EVENTS],
             args=[event_id, message, self.dedup_window, self.retention, repr(now), tenant,
-                  source, kind, status, len(body), digest, call_id or "", *fields],
+                  source, kind, status, len(body), digest, call_id or "",
+                  body if keep_body else "", *fields],
         )
         sid = stored_id.decode() if isinstance(stored_id, bytes) else str(stored_id)
         return Stored(event_id=sid, duplicate=not code)

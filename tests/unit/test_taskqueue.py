@@ -139,3 +139,27 @@ def test_ids_are_unique_and_rb_at_is_read_back() -> None:
     assert at is not None and at > 1_600_000_000
     assert queued_at(b"not json") is None
     assert queued_at(json.dumps({"headers": {}})) is None
+
+
+def _without_unique(message: dict[str, Any]) -> dict[str, Any]:
+    m = json.loads(json.dumps(message))
+    for k in ("id", "root_id", "rb_at"):
+        m["headers"].pop(k)
+    for k in ("correlation_id", "delivery_tag"):
+        m["properties"].pop(k)
+    return m
+
+
+@pytest.mark.parametrize("event_id", [
+    "ev_0190aabbccdd0011223344556677",      # what intake makes: the template path
+    'ev_"quoted"\\and\u00e9',               # anything else: the general path, same result
+])
+def test_process_event_message_equals_the_general_message(event_id: str) -> None:
+    fast = json.loads(process_event_message(event_id))
+    general = json.loads(task_message(TASK_PROCESS_EVENT, [event_id], QUEUE_EVENTS))
+    assert _without_unique(fast) == _without_unique(general)
+    assert base64.b64decode(fast["body"]) == base64.b64decode(general["body"])
+    assert json.loads(base64.b64decode(fast["body"])) == [[event_id], {}, EMBED]
+    assert fast["headers"]["id"] == fast["headers"]["root_id"] == fast["properties"][
+        "correlation_id"]
+    assert isinstance(fast["headers"]["rb_at"], float)
