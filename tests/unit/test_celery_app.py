@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from kombu import Connection
+from kombu.connection import Connection
 
 from workers import celery_app
 

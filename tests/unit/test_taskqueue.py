@@ -142,7 +142,7 @@ def test_ids_are_unique_and_rb_at_is_read_back() -> None:
 
 
 def _without_unique(message: dict[str, Any]) -> dict[str, Any]:
-    m = json.loads(json.dumps(message))
+    m: dict[str, Any] = json.loads(json.dumps(message))
     for k in ("id", "root_id", "rb_at"):
         m["headers"].pop(k)
     for k in ("correlation_id", "delivery_tag"):
