@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from flask import Flask, Response, g
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from rilla_bridge.events import EventStore
@@ -46,14 +45,7 @@ def create_app(
     app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
 
-    @app.before_request
-    def _start() -> None:
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def _log(response: Response) -> Response:
-        views.observe(response, g.get("started", time.perf_counter()))
-        return response
+    app.wsgi_app = views.Observed(app.wsgi_app)  # type: ignore[method-assign]
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

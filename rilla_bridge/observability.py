@@ -21,11 +21,17 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any ``extra=`` fields."""
 
     _skip = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+    _second: tuple[int, str] = (-1, "")
+
+    def _stamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if self._second[0] != second:  # strftime once a second, not once a line
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return f"{self._second[1]}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._stamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
