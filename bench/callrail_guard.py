@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -67,6 +68,15 @@ def deliveries(s: System, n: int, tag: str, spacing: float) -> list[float]:
 def summary(ms: list[float]) -> str:
     qs = statistics.quantiles(ms, n=20)
     return f"median {statistics.median(ms):.1f} ms, p95 {qs[18]:.1f} ms, max {max(ms):.1f} ms"
+
+
+def median_diff_ci(a: list[float], b: list[float], rounds: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of median(b) - median(a): when it holds 0, the difference is
+    not measurable with these samples."""
+    rng = random.Random(7)
+    diffs = sorted(statistics.median(rng.choices(b, k=len(b)))
+                   - statistics.median(rng.choices(a, k=len(a))) for _ in range(rounds))
+    return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,8 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CallRail backlog: {out}")
         print(f"deliveries without CallRail work: {summary(quiet)}")
         print(f"deliveries during the backlog:   {summary(busy)}")
+        lo, hi = median_diff_ci(quiet, busy)
         print(f"extra latency (median): {statistics.median(busy) - statistics.median(quiet):+.1f}"
-              " ms")
+              f" ms, 95 % bootstrap interval [{lo:+.1f}, {hi:+.1f}] ms"
+              f" ({'holds 0: not measurable' if lo <= 0 <= hi else 'excludes 0: measurable'})")
     finally:
         s.stop()
         client.flushdb()
