@@ -133,6 +133,11 @@ def run(rt: Runtime, job: dict[str, Any]) -> str:
                                     start_date=job["start_date"], end_date=job["end_date"])
     else:
         return _give_up(rt, job, f"unknown CallRail job type {kind!r}")
+    # One line per CallRail request: a scarce, metered resource (at most the hourly budget
+    # per account), so on-call can see who spent it; deliveries to Rilla are not logged so.
+    log.info("callrail request", extra={"account": account, "tenant": job.get("tenant"),
+                                        "type": kind, "result": result.kind,
+                                        "status": result.status})
 
     if result.kind == "rate_limited":
         paused = rt.guard.pause(account)  # type: ignore[attr-defined]
