@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import threading
@@ -179,8 +178,7 @@ def run_ours(args: argparse.Namespace, latency_ms: int, steady: bool) -> dict[st
         if steady:
             out["steady"] = steady_latency(sysm, poster, args)
     finally:
-        sysm.stop()
-        shutil.rmtree(sysm.workdir, ignore_errors=True)
+        teardown(sysm, args.redis)
     return out
 
 
