@@ -33,19 +33,20 @@ def create_app(
     warn_unless_noeviction(client, log)
 
     app = Flask(__name__)
+    store = EventStore(client, dedup_window=settings.dedup_window_seconds,
+                       retention=settings.event_retention_seconds)
+    intake = views.Intake(settings, tenants, store)
     app.config.update(
-        RB_SETTINGS=settings,
-        RB_TENANTS=tenants,
         RB_REDIS=client,
-        RB_STORE=EventStore(client, dedup_window=settings.dedup_window_seconds,
-                            retention=settings.event_retention_seconds),
+        RB_STORE=store,
+        RB_INTAKE=intake,
         MAX_CONTENT_LENGTH=None,  # the intake view enforces the limit itself, streaming
     )
     # "//" in a webhook URL is a wrong URL (404), not a 308 redirect a sender might not follow.
     app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
 
-    app.wsgi_app = views.Observed(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = views.Observed(app.wsgi_app, intake)  # type: ignore[method-assign]
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -676,6 +676,55 @@ def test_log_line_fields(client: FlaskClient, caplog: pytest.LogCaptureFixture) 
     assert rec.event_id == resp.get_json()["id"]  # type: ignore[attr-defined]
 
 
+def test_unexpected_error_is_a_json_500_logged_and_counted(
+        app: Flask, client: FlaskClient, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front door answers webhooks without Flask; a bug there must still be a JSON 500
+    with the error logged (Sentry's logging integration reports it) and a request line."""
+    def broken(**kw: Any) -> Any:
+        raise RuntimeError("bug")
+    monkeypatch.setattr(store_of(app), "intake", broken)
+    caplog.set_level(logging.INFO)
+    resp = post_callrail(client, POST_CALL)
+    assert resp.status_code == 500
+    assert resp.get_json() == {"error": "internal error"}
+    assert resp.headers["Content-Type"] == "application/json"
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+    (line,) = [r for r in caplog.records if r.getMessage() == "request"]
+    assert line.status == 500  # type: ignore[attr-defined]
+
+
+def test_flask_routes_answer_like_the_front_door(app: Flask) -> None:
+    """The webhook routes stay registered in Flask (405 on GET, same answers): the front door
+    is a shortcut past Flask's request machinery, not a second implementation."""
+    from werkzeug.test import Client
+
+    front = app.test_client()
+    inner = Client(app.wsgi_app.wsgi_app)  # type: ignore[attr-defined]  # Flask without it
+    raw = json.dumps(POST_CALL).encode()
+    cases = [
+        ("/webhooks/callrail/acme", raw, {"Signature": callrail_signature(ACME_KEY, raw)}),
+        ("/webhooks/callrail/acme", raw, {"Signature": "bad"}),
+        ("/webhooks/callrail/nobody", raw, {}),
+        (f"/webhooks/callingly/acme?token={ACME_TOKEN}", b"[]", {}),
+        ("/webhooks/callrail/acme", b"x" * (MIB + 1), {}),
+    ]
+    for url, body, headers in cases:
+        a = front.post(url, data=body, headers=headers)
+        b = inner.post(url, data=body, headers=headers)
+        assert a.headers["Content-Type"] == b.headers["Content-Type"] == "application/json"
+        if a.status_code == 202:   # the second is the same body again: a duplicate
+            assert b.status_code == 200
+            assert b.get_json() == {"id": a.get_json()["id"], "status": "duplicate"}
+        else:
+            assert a.status_code == b.status_code
+            assert a.get_json() == b.get_json()
+            assert a.headers.get("Connection") == b.headers.get("Connection")
+    for path in ("/webhooks/callrail/acme", "/webhooks/callingly/acme"):
+        resp = front.get(path)
+        assert resp.status_code == 405 and resp.get_json()["error"]
+
+
 # -- hypothesis fuzz ------------------------------------------------------------------------
 # text that may hold lone surrogates: json.dumps escapes them ("\\ud800"), still valid JSON
 _any_text = st.lists(st.characters() | st.integers(0xD800, 0xDFFF).map(chr),
