@@ -204,3 +204,14 @@ def test_json_formatter_redacts_secrets_and_access_keys() -> None:
 def test_redact_text_prefers_longest_secret() -> None:
     register_secrets(["abcdef-secret", "abcdef-secret-longer"])
     assert redact_text("x abcdef-secret-longer y") == f"x {FILTERED} y"
+
+
+@pytest.mark.parametrize("text", [
+    "u?ACCESS_KEY=zzzz9999", "u?Access_Key=zzzz9999",
+    "u?acce\u017f\u017f_key=zzzz9999",   # long s: the regex's IGNORECASE matches it
+    "u?access_\u212aey=zzzz9999",        # Kelvin sign, likewise
+])
+def test_redact_text_access_key_any_case(text: str) -> None:
+    """The cheap pre-check before the access_key regex must not miss what the regex would."""
+    out = redact_text(text)
+    assert "zzzz9999" not in out and out.endswith(FILTERED)
