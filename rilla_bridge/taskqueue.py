@@ -99,11 +99,23 @@ def process_event_message(event_id: str) -> str:
     (tests/unit/test_taskqueue.py compares both with Celery's), from a template."""
     if not _SAFE_ID.fullmatch(event_id):   # anything JSON or repr would escape: the slow path
         return task_message(TASK_PROCESS_EVENT, [event_id], QUEUE_EVENTS)
-    task_id = str(uuid.uuid4())
+    task_id, tag = uuid4_pair()
     body = f'[["{event_id}"], {{}}, {_EMBED_JSON}]'.encode()
     return _PROCESS_EVENT.format(
         at=repr(round(time.time(), 3)), body=base64.b64encode(body).decode(), tid=task_id,
-        argsrepr=f"['{event_id}']", tag=str(uuid.uuid4()))
+        argsrepr=f"['{event_id}']", tag=tag)
+
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def uuid4_pair() -> tuple[str, str]:
+    """Two random (version 4) UUIDs as text, from one urandom call: ``str(uuid.uuid4())``
+    twice was a quarter of the cost of a message."""
+    h = os.urandom(32).hex()
+    v = _VARIANT
+    return (f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{v[h[16]]}{h[17:20]}-{h[20:32]}",
+            f"{h[32:40]}-{h[40:44]}-4{h[45:48]}-{v[h[48]]}{h[49:52]}-{h[52:]}")
 
 
 def queued_at(message: bytes | str) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from rilla_bridge.taskqueue import (
     process_event_message,
     queued_at,
     task_message,
+    uuid4_pair,
 )
 
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -163,3 +165,18 @@ def test_process_event_message_equals_the_general_message(event_id: str) -> None
     assert fast["headers"]["id"] == fast["headers"]["root_id"] == fast["properties"][
         "correlation_id"]
     assert isinstance(fast["headers"]["rb_at"], float)
+
+
+def test_uuid4_pair_is_two_distinct_random_version_4_uuids() -> None:
+    seen: set[str] = set()
+    variants: set[str] = set()
+    for _ in range(2000):
+        pair = uuid4_pair()
+        for text in pair:
+            parsed = uuid.UUID(text)
+            assert str(parsed) == text   # canonical form: lower-case hex, 8-4-4-4-12
+            assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+            variants.add(text[19])
+        seen.update(pair)
+    assert len(seen) == 4000
+    assert variants == set("89ab")   # the variant nibble takes all four values
