@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from rilla_bridge.events import EventStore
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
-from rilla_bridge.redis_conn import make_redis, warn_unless_noeviction
+from rilla_bridge.redis_conn import make_redis, single_connection, warn_unless_noeviction
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant, load_tenants
 
@@ -31,10 +31,13 @@ def create_app(
     init_sentry(settings.sentry_dsn, environment=settings.environment, component="web")
     client = redis_client if redis_client is not None else make_redis(settings)
     warn_unless_noeviction(client, log)
+    # Webhooks: one connection per worker thread, not the pool (see ConnectionPerThread).
+    intake_client = None if redis_client is not None else single_connection(settings)
 
     app = Flask(__name__)
     store = EventStore(client, dedup_window=settings.dedup_window_seconds,
-                       retention=settings.event_retention_seconds)
+                       retention=settings.event_retention_seconds,
+                       intake_client=intake_client)
     intake = views.Intake(settings, tenants, store)
     app.config.update(
         RB_REDIS=client,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +66,12 @@ class Stored:
 
 
 class EventStore:
-    def __init__(self, client: redis.Redis, *, dedup_window: int, retention: int) -> None:
+    def __init__(self, client: redis.Redis, *, dedup_window: int, retention: int,
+                 intake_client: Callable[[], redis.Redis] | None = None) -> None:
         self.redis = client
+        # ``intake`` runs on this client when given (the web process: a connection per
+        # thread, see redis_conn.ConnectionPerThread), else on ``client``.
+        self._intake_client = intake_client
         self.dedup_window = max(1, dedup_window)
         self.retention = max(60, retention)
         self._intake = client.register_script(_INTAKE_LUA)
@@ -96,6 +101,7 @@ class EventStore:
             fields += [k, v]
         message = process_event_message(event_id) if enqueue else ""
         code, stored_id = self._intake(
+            client=self._intake_client() if self._intake_client else None,
             keys=[keys.dedup_key(source, tenant, kind, digest), keys.event_key(event_id),
                   keys.PENDING, QUEUE_EVENTS],
             args=[event_id, message, self.dedup_window, self.retention, repr(now), tenant,

@@ -20,6 +20,9 @@ Everything lives in the database of ``REDIS_URL``; Celery's kombu keys (``events
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -79,6 +82,35 @@ def make_redis(settings: Settings, **overrides: Any) -> redis.Redis:
     kwargs = connection_kwargs(settings)
     kwargs.update(overrides)
     return redis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+class ConnectionPerThread:
+    """A single-connection redis-py client per thread (and per process), built on first use.
+
+    For the web process's webhook path: a gunicorn sync worker serves one request at a time,
+    and going through redis-py's pool costs about 12 us per command (a lock, a poll syscall,
+    redis-py 8's connection-count metrics). A single-connection client connects when it is
+    built, so it is built lazily: while Redis is down, calling this raises the RedisError the
+    caller turns into a 503, and the next call tries again. After a fork the child builds its
+    own, never sharing the parent's socket. A dropped connection reconnects on the next
+    command, as pooled ones do.
+    """
+
+    def __init__(self, factory: Callable[[], redis.Redis]) -> None:
+        self._factory = factory
+        self._local = threading.local()
+
+    def __call__(self) -> redis.Redis:
+        local = self._local
+        client: redis.Redis | None = getattr(local, "client", None)
+        if client is None or local.pid != os.getpid():
+            client = self._factory()
+            local.client, local.pid = client, os.getpid()
+        return client
+
+
+def single_connection(settings: Settings) -> ConnectionPerThread:
+    return ConnectionPerThread(lambda: make_redis(settings, single_connection_client=True))
 
 
 def warn_unless_noeviction(client: redis.Redis, logger: logging.Logger | None = None) -> str | None:

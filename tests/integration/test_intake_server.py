@@ -213,6 +213,31 @@ def test_redis_outage_is_503_then_recovers_without_restart(web: System,
     assert json.loads(out.stdout)["event"]["id"] == kept_id
 
 
+def test_web_started_while_redis_is_down_answers_503_then_202(own_redis: RedisServer,
+                                                              metrics_dir: str) -> None:
+    """Webhooks use a connection per worker, built on first use: a web process that boots
+    during a Redis outage must answer 503 and recover by itself, not crash or hang."""
+    own_redis.stop()
+    system = System(own_redis.url, env_extra={"PROMETHEUS_MULTIPROC_DIR": metrics_dir})
+    try:
+        system.start_web(workers=2)
+        body = json.dumps({"resource_id": "CAL-boot"}).encode()
+        for _ in range(4):
+            resp = requests.post(f"{system.web}/webhooks/callrail/acme", data=body,
+                                 headers=_signed(body), timeout=15)
+            assert resp.status_code == 503, resp.text
+        own_redis.start()
+        wait_for(lambda: requests.get(f"{system.web}/readyz", timeout=5).status_code == 200,
+                 timeout=20, what="readyz after Redis is back")
+        for i in range(6):   # every worker builds its connection once Redis answers
+            b = json.dumps({"resource_id": f"CAL-boot-{i}"}).encode()
+            resp = requests.post(f"{system.web}/webhooks/callrail/acme", data=b,
+                                 headers=_signed(b), timeout=10)
+            assert resp.status_code == 202, resp.text
+    finally:
+        system.stop()
+
+
 # -- end to end with a real worker -----------------------------------------------------------
 def test_signed_webhook_is_delivered_end_to_end(own_redis: RedisServer) -> None:
     system = System(own_redis.url)
