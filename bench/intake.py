@@ -21,6 +21,7 @@ import collections
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -194,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--wrk-threads", type=int, default=1,
                    help="wrk threads (1 leaves more of the 2 cores to the servers)")
-    p.add_argument("--bodies", type=int, default=60000, help="unique signed bodies to prepare")
+    p.add_argument("--bodies", type=int, default=150000,
+                   help="unique signed bodies to prepare (more than one run sends)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure each setting this many times, alternating which app goes "
+                        "first (ABBA), and report the median ratio")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the rilla-bridge workers during each measurement")
     args = p.parse_args(argv)
@@ -207,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     try:
-        for cfg in args.configs:
-            base = run_app("baseline", cfg, bodies, args, False)
-            ours = run_app("rilla-bridge", cfg, bodies, args, args.profile)
+        for cfg, rep in [(c, r) for c in args.configs for r in range(args.repeat)]:
+            if rep % 2 == 0:
+                base = run_app("baseline", cfg, bodies, args, False)
+                ours = run_app("rilla-bridge", cfg, bodies, args, args.profile)
+            else:   # the other order, so drift over a run favours neither app
+                ours = run_app("rilla-bridge", cfg, bodies, args, args.profile)
+                base = run_app("baseline", cfg, bodies, args, False)
             results += [base, ours]
             for r in (base, ours):
                 if r["app"] == "rilla-bridge" and (r["wrapped"] or r["codes"].get("200")):
@@ -240,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, cols))
     print(f"best ratio: {best['config']} ({best['ratio']}); fastest rilla-bridge: "
           f"{fastest['config']} ({fastest['ours req/s']} req/s, p99 {fastest['ours p99 ms']} ms)")
+    if args.repeat > 1:
+        for cfg in args.configs:
+            ratios = sorted(r["ratio"] for r in rows if r["config"] == cfg["name"])
+            print(f"{cfg['name']}: median ratio {statistics.median(ratios):.3f} over "
+                  f"{len(ratios)} runs (min {ratios[0]}, max {ratios[-1]})")
     for r in results:
         if "profile" in r:
             print(f"\nprofile of rilla-bridge ({r['worker_class']} w={r['workers']}), "
