@@ -1,25 +1,36 @@
 """Benchmark the CallRail quota guard with real processes (issue 4).
 
 Starts the CallRail sandbox (scaled-down quota, rolling windows, 429 when exceeded), the Rilla
-sandbox, the web app, an ``events`` worker, several ``callrail`` workers and two schedulers, then:
+sandbox, the web app, an ``events`` worker, several ``callrail`` workers and two schedulers, and
+queues a CallRail backlog (``count`` jobs in the live lane). Then:
 
-1. latency of ordinary deliveries (webhook POST -> appointment stored in the Rilla sandbox) with
-   no CallRail work at all;
-2. the same while a CallRail backlog (``count`` jobs in the live lane) is being dispatched, and
-   for that backlog: budget use (requests / what CallRail's rolling window allows over whole
-   cycles) and requests refused (429s served).
+1. budget: while the backlog is dispatched for ``--cycles`` windows, the CallRail requests made
+   against what CallRail's rolling window allows (budget use), and the 429s served;
+2. latency of ordinary deliveries (webhook POST -> appointment stored in the Rilla sandbox; no
+   CallRail call needed) in interleaved blocks, ``quiet`` and ``busy`` in the order
+   Q B B Q Q B B Q ... so that drift of the machine over the run favours neither arm:
 
-Run: ``.venv/bin/python -m bench.callrail_guard [--redis-url URL] [--cycles 3] [--events 60]``
+   * quiet: the callrail workers and both schedulers are stopped (SIGSTOP): no CallRail work
+     and no guard activity at all;
+   * busy: everything runs, the guard dispatching the backlog at the budget's pace.
+
+   The extra latency is median(busy) - median(quiet) with a 95 % bootstrap interval: when it
+   holds 0, the guard's effect is not measurable with these samples. Pausing the schedulers
+   too makes the comparison conservative: whatever they cost is counted against the guard.
+
+Run: ``.venv/bin/python -m bench.callrail_guard [--redis-url URL] [--cycles 3] [--events 200]``
 (a real Redis is needed; the database given is flushed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
+import signal
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,13 +90,38 @@ def median_diff_ci(a: list[float], b: list[float], rounds: int = 2000) -> tuple[
     return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds)]
 
 
+def pause(procs: list[Any], stopped: bool) -> None:
+    """SIGSTOP (or SIGCONT) each process group: a stopped process uses no CPU and no Redis."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGSTOP if stopped else signal.SIGCONT)
+
+
+def budget(s: System, a: argparse.Namespace, since: float) -> dict[str, Any]:
+    """CallRail requests over whole windows of the backlog, against what the window allows."""
+    acct = requests.get(f"{s.callrail}/_sandbox/stats?times=1",
+                        timeout=5).json()["by_account"][ACCOUNT]
+    times = sorted(t for t, _ in acct["times"] if t >= since)
+    starts = [t for i, t in enumerate(times) if i == 0 or t - times[i - 1] > 0.5]
+    out: dict[str, Any] = {"requests": len(times), "served_429": acct["served_429"]}
+    if len(starts) >= a.cycles + 2:
+        t0, t1 = starts[1], starts[1 + a.cycles]  # the first burst warms the workers up
+        used = sum(1 for t in times if t0 <= t < t1)
+        allowed = a.hourly * (t1 - t0) / a.hour_seconds
+        out.update(budget_use=round(used / allowed, 4), measured_requests=used,
+                   measured_seconds=round(t1 - t0, 2), budget=round(allowed, 1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     p.add_argument("--hourly", type=int, default=30, help="scaled hourly limit")
     p.add_argument("--hour-seconds", type=int, default=10, help="scaled hour")
     p.add_argument("--cycles", type=int, default=3, help="measured windows of backlog")
-    p.add_argument("--events", type=int, default=60, help="deliveries per latency phase")
+    p.add_argument("--events", type=int, default=200, help="deliveries per arm (quiet, busy)")
+    p.add_argument("--blocks", type=int, default=8,
+                   help="interleaved latency blocks, Q B B Q ... (a multiple of 4)")
     p.add_argument("--workers", type=int, default=3, help="callrail worker processes")
     a = p.parse_args(argv)
     client = redis.Redis.from_url(a.redis_url)
@@ -106,38 +142,46 @@ def main(argv: list[str] | None = None) -> None:
         s.start_scheduler("scheduler1")
         s.start_scheduler("scheduler2")
         deliveries(s, 10, "warm", 0.02)  # warm up web and worker processes
-        quiet = deliveries(s, a.events, "quiet", 0.05)
 
         guard = QuotaGuard(client, hourly_limit=a.hourly, daily_limit=a.hourly * 10,
                            hour_seconds=a.hour_seconds, day_seconds=a.hour_seconds * 10)
-        for _ in range(a.hourly * (a.cycles + 4)):
+        cycle = a.hour_seconds + guard.margin_seconds + 0.1
+        per_block = max(10, a.events // a.blocks * 2)   # events per arm over blocks/2 blocks
+        spacing = 0.05
+        block_s = per_block * (spacing + 0.01) + 1.5
+        # enough backlog for the budget windows and every busy block, with room to spare
+        jobs = a.hourly * (a.cycles + 4) + int(a.hourly * (a.blocks / 2 * block_s)
+                                              / a.hour_seconds) + a.hourly
+        for _ in range(jobs):
             guard.submit(ACCOUNT, "live", {"type": "count", "tenant": "acme", "run": "bench",
                                            "start_date": "2025-01-01", "end_date": "2025-01-02",
                                            "tries": 0})
-        cycle = a.hour_seconds + guard.margin_seconds + 0.1
-        busy: list[float] = []
-        runner = threading.Thread(target=lambda: busy.extend(
-            deliveries(s, a.events, "busy", max(0.05, (a.cycles + 1) * cycle / a.events))))
-        runner.start()
+        started = time.time()
         time.sleep((a.cycles + 1) * cycle + 0.6)
-        runner.join()
-        acct = requests.get(f"{s.callrail}/_sandbox/stats?times=1",
-                            timeout=5).json()["by_account"][ACCOUNT]
-        times = sorted(t for t, _ in acct["times"])
-        starts = [t for i, t in enumerate(times) if i == 0 or t - times[i - 1] > 0.5]
-        out: dict[str, Any] = {"requests": len(times), "served_429": acct["served_429"]}
-        if len(starts) >= a.cycles + 2:
-            t0, t1 = starts[1], starts[1 + a.cycles]  # the first burst warms the workers up
-            used = sum(1 for t in times if t0 <= t < t1)
-            budget = a.hourly * (t1 - t0) / a.hour_seconds
-            out.update(budget_use=round(used / budget, 4), measured_requests=used,
-                       measured_seconds=round(t1 - t0, 2), budget=round(budget, 1))
-        print(f"CallRail backlog: {out}")
-        print(f"deliveries without CallRail work: {summary(quiet)}")
-        print(f"deliveries during the backlog:   {summary(busy)}")
+        out = budget(s, a, started)
+        print(f"CallRail backlog: {out}", flush=True)
+
+        paused = [s.procs[n] for n in s.procs if n.startswith(("crworker", "scheduler"))]
+        arms: dict[str, list[float]] = {"quiet": [], "busy": []}
+        order = ["quiet", "busy", "busy", "quiet"] * (a.blocks // 4 + 1)
+        try:
+            for i, arm in enumerate(order[:a.blocks]):
+                pause(paused, arm == "quiet")
+                time.sleep(0.5)   # let a stopped or resumed process settle
+                arms[arm] += deliveries(s, per_block, f"{arm}{i}", spacing)
+                print(f"block {i + 1}/{a.blocks} {arm}: {summary(arms[arm][-per_block:])}",
+                      flush=True)
+        finally:
+            pause(paused, False)
+        acct = requests.get(f"{s.callrail}/_sandbox/stats", timeout=5).json()
+        served_429 = acct["by_account"][ACCOUNT]["served_429"]
+        quiet, busy = arms["quiet"], arms["busy"]
+        print(f"CallRail 429s served over the whole run: {served_429}")
+        print(f"deliveries, quiet blocks ({len(quiet)}): {summary(quiet)}")
+        print(f"deliveries, busy blocks ({len(busy)}):  {summary(busy)}")
         lo, hi = median_diff_ci(quiet, busy)
-        print(f"extra latency (median): {statistics.median(busy) - statistics.median(quiet):+.1f}"
-              f" ms, 95 % bootstrap interval [{lo:+.1f}, {hi:+.1f}] ms"
+        print(f"extra latency (median): {statistics.median(busy) - statistics.median(quiet):+.2f}"
+              f" ms, 95 % bootstrap interval [{lo:+.2f}, {hi:+.2f}] ms"
               f" ({'holds 0: not measurable' if lo <= 0 <= hi else 'excludes 0: measurable'})")
     finally:
         s.stop()
