@@ -624,3 +624,31 @@ def test_missing_event_record(rt: Runtime) -> None:
     rt.redis.zadd(keys.PENDING, {"ev_gone": time.time()})
     assert process_event(rt, "ev_gone") == Outcome.MISSING
     assert rt.redis.zscore(keys.PENDING, "ev_gone") is None
+
+
+# -- the CallRail quota guard is not on the ordinary path (issue 4) ----------------------
+
+def test_delivery_that_needs_no_callrail_call_never_touches_the_guard(
+        fake_redis: fakeredis.FakeRedis) -> None:
+    from workers import callrail_jobs
+
+    fake_redis.flushall()
+    rt = make_runtime(fake_redis)
+    rt.tenants = parse_tenants(TENANTS.replace(
+        'signing_key = "acme-signing-key-0001"',
+        'signing_key = "acme-signing-key-0001"\naccount_id = "111111111"\n'
+        'api_key = "acme-callrail-api-key-01"'), env={})
+    callrail_jobs.attach(rt)   # as a worker does: recording lookups go through the guard
+    assert rt.recording_lookup is not None
+
+    _, outcome = run(rt, load("callrail", "post_call"))   # an app.callrail.com recording
+    assert outcome == Outcome.DELIVERED
+    assert fake_redis.keys("rb:cr:*") == []   # nothing queued, counted or granted
+    assert fake_redis.llen("callrail") == 0
+
+    body = load("callrail", "post_call")      # the same call shape, API recording URL
+    body["resource_id"] = "CALapi0001"
+    body["recording"] = "https://api.callrail.com/v3/a/111111111/calls/CALapi0001/recording.json"
+    _, outcome = run(rt, body)
+    assert outcome != Outcome.DELIVERED
+    assert fake_redis.keys("rb:cr:*")         # this one does go through the guard
