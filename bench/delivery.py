@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2, help="worker processes")
     p.add_argument("--web-workers", type=int, default=2)
     p.add_argument("--tenant-max-inflight", type=int, default=0,
-                   help="TENANT_MAX_INFLIGHT for the run (0: the production default, 32)")
+                   help="TENANT_MAX_INFLIGHT for the run (0: the production default, 128)")
     p.add_argument("--rate", type=float, default=200, help="steady rate for the latency run")
     p.add_argument("--steady-seconds", type=float, default=30)
     p.add_argument("--no-baseline", action="store_true")
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     config = (f"{args.processes} worker process(es) x gevent -c {args.concurrency}, "
               f"web: gunicorn sync x{args.web_workers}, TENANT_MAX_INFLIGHT="
-              f"{args.tenant_max_inflight or 'default (64)'}")
+              f"{args.tenant_max_inflight or 'default (128)'}")
     if args.memory:
         print(f"memory run: {args.memory_events} events at {args.memory_rate}/s; {config}")
         res = run_memory(args)

@@ -67,7 +67,7 @@ class Settings:
     rilla_connect_timeout: float = 3.05
     rilla_read_timeout: float = 20.0
     # At most this many deliveries of one tenant in flight at once, across all workers.
-    tenant_max_inflight: int = 64
+    tenant_max_inflight: int = 128
     callrail_hour_seconds: int = 3600      # quota window lengths; tests shrink them
     callrail_day_seconds: int = 86400
     callrail_pause_base_seconds: float = 60.0
