@@ -11,6 +11,7 @@ Everything lives in the database of ``REDIS_URL``; Celery's kombu keys (``events
 - ``rb:call:{tenant}:{src}:{call}``  hash: per-call merged state (snapshots, last delivery)
 - ``rb:lock:call:{tenant}:{src}:{call}``  string: who delivers that call right now
 - ``rb:inflight:{tenant}`` zset: a tenant's deliveries in flight (cap per tenant)
+- ``rb:capwait:{tenant}`` zset (+ ``:msg`` hash): events waiting for a slot under that cap
 - ``rb:dlq:{id}`` / ``rb:dlq``   hash per dead letter / zset index by failure time
 - ``rb:stats``             hash: counters the web /metrics endpoint exports
 - ``rb:cr:*``              CallRail quota guard (see rilla_bridge.callrail.quota)
@@ -59,6 +60,14 @@ def call_lock_key(tenant: str, source: str, call_id: str) -> str:
 
 def inflight_key(tenant: str) -> str:
     return f"rb:inflight:{tenant}"
+
+
+def cap_wait_key(tenant: str) -> str:
+    return f"rb:capwait:{tenant}"
+
+
+def cap_wait_messages_key(tenant: str) -> str:
+    return f"rb:capwait:{tenant}:msg"
 
 
 def dlq_key(event_id: str) -> str:

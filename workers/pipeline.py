@@ -41,6 +41,9 @@ from workers.state import CallState
 log = logging.getLogger("rilla_bridge.worker")
 TERMINAL = frozenset({"delivered", "skipped", "dead"})
 BUSY_REQUEUE_SECONDS = 1.0
+# An event waiting for a slot under its tenant's cap is queued by whoever frees one (see
+# workers/state.py); this late retry only covers a slot that is never released.
+CAP_WAIT_SAFETY_SECONDS = 30.0
 
 
 @dataclass
@@ -194,8 +197,11 @@ def _lease_ms(rt: Runtime) -> int:
 
 
 def _busy(rt: Runtime, event_id: str, got: int) -> str:
-    why = "another delivery of this call" if got == 0 else "the tenant's in-flight cap"
-    return _requeue_later(rt, event_id, BUSY_REQUEUE_SECONDS * (1 + random.random()),
+    if got == 0:
+        why, delay = "another delivery of this call", BUSY_REQUEUE_SECONDS
+    else:   # queued by the release of a slot; the retry is only the safety copy
+        why, delay = "the tenant's in-flight cap: queued when a slot frees", CAP_WAIT_SAFETY_SECONDS
+    return _requeue_later(rt, event_id, delay * (1 + random.random()),
                           "waiting", timeline_entry("waiting", reason=why), Outcome.BUSY)
 
 
@@ -209,7 +215,7 @@ def deliver(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str) ->
     """Deliver the call's merged state under its lock (so Rilla never gets older data last)."""
     token = secrets.token_hex(8)
     got = rt.calls.acquire(tenant.slug, event["source"], call_id, token, _lease_ms(rt),
-                           rt.settings.tenant_max_inflight)
+                           rt.settings.tenant_max_inflight, event_id=event["id"])
     if got != 1:
         return _busy(rt, event["id"], got)
     # Read the state under the lock: a newer event delivered just before us is included.

@@ -445,6 +445,53 @@ def test_tenant_in_flight_cap(fake_redis: fakeredis.FakeRedis) -> None:
     assert process_event(rt, eid) == Outcome.DELIVERED
 
 
+def test_capped_event_waits_and_a_freed_slot_queues_it(fake_redis: fakeredis.FakeRedis) -> None:
+    """At the cap an event waits on the tenant's list (one safety retry far ahead), and the
+    release of a slot queues it at once: no bouncing through the retry set."""
+    fake_redis.flushall()
+    rt = make_runtime(fake_redis, tenant_max_inflight=1)
+    wait, msgs = keys.cap_wait_key("acme"), keys.cap_wait_messages_key("acme")
+    assert rt.calls.acquire("acme", "callrail", "CALother", "tok", 30_000, 1) == 1
+    eid, outcome = run(rt, load("callrail", "post_call"))
+    assert outcome == Outcome.BUSY and status(rt, eid) == "waiting"
+    assert rt.redis.zscore(wait, eid) is not None and rt.redis.hexists(msgs, eid)
+    due = rt.redis.zscore(keys.RETRY, eid)
+    assert due is not None and due > time.time() + pipeline.CAP_WAIT_SAFETY_SECONDS - 1
+    rt.redis.delete(QUEUE_EVENTS)   # intake's copy, already run above
+
+    rt.calls.release(rt.redis, "acme", "callrail", "CALother", "tok")
+    assert queued_ids(rt) == [eid]                     # queued by the freed slot
+    assert rt.redis.zscore(keys.RETRY, eid) is None    # the safety copy is gone
+    assert rt.redis.zscore(keys.PENDING, eid) is not None
+    assert status(rt, eid) == "queued"
+    assert rt.redis.zcard(wait) == 0 and rt.redis.hlen(msgs) == 0
+    rt.redis.delete(QUEUE_EVENTS)
+    assert process_event(rt, eid) == Outcome.DELIVERED
+    assert queued_ids(rt) == []                        # its own release: nobody waiting
+
+
+def test_freed_slot_goes_to_the_longest_waiting_unfinished_event(
+        fake_redis: fakeredis.FakeRedis) -> None:
+    fake_redis.flushall()
+    rt = make_runtime(fake_redis, tenant_max_inflight=1)
+    assert rt.calls.acquire("acme", "callrail", "CALhold", "tok", 30_000, 1) == 1
+    ids = []
+    for i in range(3):
+        body = {**load("callrail", "post_call"), "resource_id": f"CALwait{i}"}
+        eid, outcome = run(rt, body)
+        assert outcome == Outcome.BUSY
+        ids.append(eid)
+        time.sleep(0.002)   # distinct wait-since times (milliseconds)
+    rt.redis.delete(QUEUE_EVENTS)   # intake's copies, already run above
+    rt.redis.hset(keys.event_key(ids[0]), "status", "delivered")   # finished meanwhile
+    rt.calls.release(rt.redis, "acme", "callrail", "CALhold", "tok")
+    assert queued_ids(rt) == [ids[1]]                  # the first is skipped, not queued
+    assert rt.redis.zrange(keys.cap_wait_key("acme"), 0, -1) == [ids[2].encode()]
+    # A release whose slot had already lapsed (lease ran out) hands nothing on.
+    rt.calls.release(rt.redis, "acme", "callrail", "CALgone", "not-in-flight")
+    assert queued_ids(rt) == [ids[1]]
+
+
 # -- scheduler ----------------------------------------------------------------------------
 
 def test_move_due_retries_moves_only_due_ids_once(rt: Runtime) -> None:
