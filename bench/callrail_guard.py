@@ -14,8 +14,9 @@ queues a CallRail backlog (``count`` jobs in the live lane). Then:
      and no guard activity at all;
    * busy: everything runs, the guard dispatching the backlog at the budget's pace.
 
-   The extra latency is median(busy) - median(quiet) with a 95 % bootstrap interval: when it
-   holds 0, the guard's effect is not measurable with these samples. Pausing the schedulers
+   The extra latency is median(busy) - median(quiet) with a 95 % block-bootstrap interval
+   (blocks resampled, then samples within them): when it holds 0, the guard's effect is not
+   measurable with these samples. Pausing the schedulers
    too makes the comparison conservative: whatever they cost is counted against the guard.
 
 Run: ``.venv/bin/python -m bench.callrail_guard [--redis-url URL] [--cycles 3] [--events 200]``
@@ -81,12 +82,21 @@ def summary(ms: list[float]) -> str:
     return f"median {statistics.median(ms):.1f} ms, p95 {qs[18]:.1f} ms, max {max(ms):.1f} ms"
 
 
-def median_diff_ci(a: list[float], b: list[float], rounds: int = 2000) -> tuple[float, float]:
-    """95 % bootstrap interval of median(b) - median(a): when it holds 0, the difference is
-    not measurable with these samples."""
+def median_diff_ci(a: list[list[float]], b: list[list[float]], rounds: int = 4000
+                   ) -> tuple[float, float]:
+    """95 % interval of median(b) - median(a) by a block bootstrap: whole blocks are drawn
+    with replacement in each arm, then samples within them. Samples of one block share the
+    machine's state of those seconds, so drawing single samples as if independent gives an
+    interval too narrow (a first version did, and excluded 0 on both sides across runs).
+    When the interval holds 0 the difference is not measurable with these samples."""
     rng = random.Random(7)
-    diffs = sorted(statistics.median(rng.choices(b, k=len(b)))
-                   - statistics.median(rng.choices(a, k=len(a))) for _ in range(rounds))
+
+    def draw(blocks: list[list[float]]) -> float:
+        picked = [x for blk in rng.choices(blocks, k=len(blocks))
+                  for x in rng.choices(blk, k=len(blk))]
+        return statistics.median(picked)
+
+    diffs = sorted(draw(b) - draw(a) for _ in range(rounds))
     return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds)]
 
 
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hour-seconds", type=int, default=10, help="scaled hour")
     p.add_argument("--cycles", type=int, default=3, help="measured windows of backlog")
     p.add_argument("--events", type=int, default=200, help="deliveries per arm (quiet, busy)")
-    p.add_argument("--blocks", type=int, default=8,
+    p.add_argument("--blocks", type=int, default=16,
                    help="interleaved latency blocks, Q B B Q ... (a multiple of 4)")
     p.add_argument("--workers", type=int, default=3, help="callrail worker processes")
     a = p.parse_args(argv)
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         guard = QuotaGuard(client, hourly_limit=a.hourly, daily_limit=a.hourly * 10,
                            hour_seconds=a.hour_seconds, day_seconds=a.hour_seconds * 10)
         cycle = a.hour_seconds + guard.margin_seconds + 0.1
-        per_block = max(10, a.events // a.blocks * 2)   # events per arm over blocks/2 blocks
+        per_block = max(10, 2 * a.events // a.blocks)   # an arm's events over its blocks
         spacing = 0.05
         block_s = per_block * (spacing + 0.01) + 1.5
         # enough backlog for the budget windows and every busy block, with room to spare
@@ -162,26 +172,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CallRail backlog: {out}", flush=True)
 
         paused = [s.procs[n] for n in s.procs if n.startswith(("crworker", "scheduler"))]
-        arms: dict[str, list[float]] = {"quiet": [], "busy": []}
+        arms: dict[str, list[list[float]]] = {"quiet": [], "busy": []}
         order = ["quiet", "busy", "busy", "quiet"] * (a.blocks // 4 + 1)
         try:
             for i, arm in enumerate(order[:a.blocks]):
                 pause(paused, arm == "quiet")
                 time.sleep(0.5)   # let a stopped or resumed process settle
-                arms[arm] += deliveries(s, per_block, f"{arm}{i}", spacing)
-                print(f"block {i + 1}/{a.blocks} {arm}: {summary(arms[arm][-per_block:])}",
-                      flush=True)
+                arms[arm].append(deliveries(s, per_block, f"{arm}{i}", spacing))
+                print(f"block {i + 1}/{a.blocks} {arm}: {summary(arms[arm][-1])}", flush=True)
         finally:
             pause(paused, False)
         acct = requests.get(f"{s.callrail}/_sandbox/stats", timeout=5).json()
         served_429 = acct["by_account"][ACCOUNT]["served_429"]
-        quiet, busy = arms["quiet"], arms["busy"]
+        quiet = [x for blk in arms["quiet"] for x in blk]
+        busy = [x for blk in arms["busy"] for x in blk]
         print(f"CallRail 429s served over the whole run: {served_429}")
         print(f"deliveries, quiet blocks ({len(quiet)}): {summary(quiet)}")
         print(f"deliveries, busy blocks ({len(busy)}):  {summary(busy)}")
-        lo, hi = median_diff_ci(quiet, busy)
+        lo, hi = median_diff_ci(arms["quiet"], arms["busy"])
         print(f"extra latency (median): {statistics.median(busy) - statistics.median(quiet):+.2f}"
-              f" ms, 95 % bootstrap interval [{lo:+.2f}, {hi:+.2f}] ms"
+              f" ms, 95 % block-bootstrap interval [{lo:+.2f}, {hi:+.2f}] ms"
               f" ({'holds 0: not measurable' if lo <= 0 <= hi else 'excludes 0: measurable'})")
     finally:
         s.stop()
