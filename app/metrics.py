@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import redis
 from prometheus_client import (
@@ -40,8 +40,9 @@ INTAKE_SECONDS = Histogram(
 class RedisStateCollector(Collector):
     """Backlog, dead letters and worker counters, read from Redis when scraped."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, tenants: Iterable[str] = ()) -> None:
         self.redis = client
+        self.tenants = sorted(tenants)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         try:
@@ -53,7 +54,10 @@ class RedisStateCollector(Collector):
                 pipe.zcard(keys.RETRY)
                 pipe.zcard(keys.DLQ_INDEX)
                 pipe.hgetall(keys.STATS)
-                q_events, q_callrail, pending, oldest, retry, dlq, stats = pipe.execute()
+                for tenant in self.tenants:
+                    pipe.zcard(keys.cap_wait_key(tenant))
+                q_events, q_callrail, pending, oldest, retry, dlq, stats, *waiting = (
+                    pipe.execute())
         except redis.RedisError:
             up = GaugeMetricFamily("rilla_bridge_redis_up", "Redis answered the scrape")
             up.add_metric([], 0)
@@ -79,6 +83,12 @@ class RedisStateCollector(Collector):
         g = GaugeMetricFamily("rilla_bridge_dead_letters", "Events in the dead-letter store")
         g.add_metric([], dlq)
         yield g
+        g = GaugeMetricFamily("rilla_bridge_waiting_for_slot",
+                              "Events waiting for a slot under their tenant's in-flight cap",
+                              labels=["tenant"])
+        for tenant, count in zip(self.tenants, waiting, strict=True):
+            g.add_metric([tenant], count)
+        yield g
         outcomes = CounterMetricFamily("rilla_bridge_outcomes", "Worker outcomes since start",
                                        labels=["outcome"])
         for name, value in sorted(stats.items()):
@@ -86,7 +96,7 @@ class RedisStateCollector(Collector):
         yield outcomes
 
 
-def render(client: redis.Redis) -> tuple[bytes, str]:
+def render(client: redis.Redis, tenants: Iterable[str] = ()) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry)
@@ -94,9 +104,10 @@ def render(client: redis.Redis) -> tuple[bytes, str]:
         from prometheus_client import REGISTRY
 
         registry = REGISTRY  # single process (tests, flask run): the default registry
-        data = generate_latest(registry) + generate_latest(_one(RedisStateCollector(client)))
+        data = generate_latest(registry) + generate_latest(
+            _one(RedisStateCollector(client, tenants)))
         return data, CONTENT_TYPE_LATEST
-    registry.register(RedisStateCollector(client))
+    registry.register(RedisStateCollector(client, tenants))
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

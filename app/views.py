@@ -207,7 +207,8 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 def metrics_view() -> Response:
-    data, content_type = metrics.render(current_app.config["RB_REDIS"])
+    data, content_type = metrics.render(current_app.config["RB_REDIS"],
+                                        current_app.config["RB_INTAKE"].tenants)
     return Response(data, content_type=content_type)
 
 

@@ -826,3 +826,15 @@ def test_fuzz_random_signatures_are_refused(body: bytes, signature: str) -> None
         assert redis_client.keys("rb:*") == []
     finally:
         redis_client.close()
+
+
+def test_metrics_show_events_waiting_for_a_tenant_slot(client: FlaskClient,
+                                                       fake_redis: fakeredis.FakeRedis) -> None:
+    fake_redis.zadd("rb:capwait:acme", {"ev_a": 1.0, "ev_b": 2.0})
+    fake_redis.hset("rb:capwait:acme:msg", "ev_a", "{}")   # the messages hash is not counted
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    lines = resp.get_data(as_text=True).splitlines()
+    assert 'rilla_bridge_waiting_for_slot{tenant="acme"} 2.0' in lines
+    assert 'rilla_bridge_waiting_for_slot{tenant="vector"} 0.0' in lines
+    assert "rilla_bridge_redis_up 1.0" in lines
