@@ -188,7 +188,7 @@ def process_event(rt: Runtime, event_id: str) -> str:
                 timeline_entry("skipped", reason=reason), {"reason": reason})
         return Outcome.SKIPPED
     if got != 1 or state is None:
-        return _busy(rt, event_id, got)
+        return _busy(rt, event_id, got, tenant.slug)
     return _deliver_locked(rt, event, tenant, call_id, token, state)
 
 
@@ -196,13 +196,20 @@ def _lease_ms(rt: Runtime) -> int:
     return int((rt.settings.rilla_connect_timeout + rt.settings.rilla_read_timeout + 15) * 1000)
 
 
-def _busy(rt: Runtime, event_id: str, got: int) -> str:
+def _busy(rt: Runtime, event_id: str, got: int, tenant: str) -> str:
     if got == 0:
-        why, delay = "another delivery of this call", BUSY_REQUEUE_SECONDS
-    else:   # queued by the release of a slot; the retry is only the safety copy
-        why, delay = "the tenant's in-flight cap: queued when a slot frees", CAP_WAIT_SAFETY_SECONDS
-    return _requeue_later(rt, event_id, delay * (1 + random.random()),
-                          "waiting", timeline_entry("waiting", reason=why), Outcome.BUSY)
+        return _requeue_later(rt, event_id, BUSY_REQUEUE_SECONDS * (1 + random.random()),
+                              "waiting", timeline_entry("waiting",
+                                                        reason="another delivery of this call"),
+                              Outcome.BUSY)
+    # At the tenant's cap: queued again when a slot frees; the retry is only a safety copy.
+    rt.calls.wait_for_slot(
+        tenant, event_id, due=time.time() + CAP_WAIT_SAFETY_SECONDS * (1 + random.random()),
+        entry=timeline_entry("waiting", reason="the tenant's in-flight cap: queued when a "
+                             "slot frees"),
+        counter=Outcome.BUSY, max_inflight=rt.settings.tenant_max_inflight,
+        retention=rt.settings.event_retention_seconds)
+    return Outcome.BUSY
 
 
 def _fingerprint(api_key: str, action: Upsert | Delete) -> str:
@@ -217,7 +224,7 @@ def deliver(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str) ->
     got = rt.calls.acquire(tenant.slug, event["source"], call_id, token, _lease_ms(rt),
                            rt.settings.tenant_max_inflight, event_id=event["id"])
     if got != 1:
-        return _busy(rt, event["id"], got)
+        return _busy(rt, event["id"], got, tenant.slug)
     # Read the state under the lock: a newer event delivered just before us is included.
     state = rt.calls.get(tenant.slug, event["source"], call_id)
     return _deliver_locked(rt, event, tenant, call_id, token, state)

@@ -16,46 +16,69 @@ import redis
 from rilla_bridge import redis_conn as keys
 from rilla_bridge.taskqueue import QUEUE_EVENTS, process_event_message
 
-# At its in-flight cap a tenant's event is not bounced through the retry set over and over:
-# the step that finds the cap full also puts it on the tenant's wait list (a zset of event
-# ids by when they began to wait, beside a hash of their queue messages), and whoever frees
-# a slot queues the longest-waiting one (_RELEASE_LUA). The retry set keeps a late safety
-# copy (CAP_WAIT_SAFETY_SECONDS) for a slot that is never released (a killed worker's lease
-# runs out instead). Being one step with the cap check, no release can slip in between.
-_CAP_WAIT = """
-local function wait_for_slot(now, wait_key, msg_key, event_id, message, retention)
-  if event_id == '' then return end
-  redis.call('ZADD', wait_key, 'NX', now, event_id)
-  redis.call('HSET', msg_key, event_id, message)
-  redis.call('EXPIRE', wait_key, retention)
-  redis.call('EXPIRE', msg_key, retention)
+# At its in-flight cap a tenant's event does not bounce through the retry set: it waits on the
+# tenant's wait list (rb:capwait:{tenant}, a zset of event ids by when they began to wait, and
+# a hash of their queue messages), and whoever frees a slot wakes the longest-waiting one:
+# its message goes to the consuming end of the queue (RPUSH: kombu pops from the right), so it
+# runs next. Only an event whose status is still 'waiting' is woken; an entry left by an
+# event that went on another way (its safety retry, a dead letter) is dropped when reached.
+# _WAIT_LUA writes the waiting state and the wait-list entry in one step and then wakes a
+# waiter itself if a slot is free by now, so a release between the cap check and this step
+# cannot leave a waiter behind. The retry set keeps a late safety copy
+# (CAP_WAIT_SAFETY_SECONDS) for a slot that is never released: a killed worker's lease runs
+# out instead.
+_WAKE = """
+local function wake_one(wait_key, msg_key, retry_key, pending_key, queue_key)
+  for _ = 1, 25 do
+    local head = redis.call('ZPOPMIN', wait_key)
+    local id = head[1]
+    if not id then return 0 end
+    local msg = redis.call('HGET', msg_key, id)
+    redis.call('HDEL', msg_key, id)
+    local ek = 'rb:ev:' .. id
+    if msg and redis.call('HGET', ek, 'status') == 'waiting' then
+      local t = redis.call('TIME')
+      local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+      redis.call('ZREM', retry_key, id)
+      redis.call('ZADD', pending_key, now, id)
+      redis.call('RPUSH', queue_key, msg)
+      redis.call('HSET', ek, 'status', 'queued')
+      redis.call('RPUSH', ek .. ':tl', cjson.encode({t = math.floor(now * 1000) / 1000,
+        what = 'queued', reason = "a slot under the tenant's in-flight cap freed"}))
+      return 1
+    end
+  end
+  return 0
 end
 """
 
 # KEYS: call lock, tenant in-flight zset, tenant wait zset, tenant wait messages.
-# ARGV: token, lease ms, max in flight, event id ('' = do not wait), queue message, retention.
-# Returns 1 acquired, 0 call busy, -1 tenant at its in-flight cap (and the event waits).
-_ACQUIRE_LUA = _CAP_WAIT + """
+# ARGV: token, lease ms, max in flight, event id ('' = none).
+# Returns 1 acquired (and the event leaves the wait list), 0 call busy, -1 tenant at its cap.
+_ACQUIRE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
-  wait_for_slot(now, KEYS[3], KEYS[4], ARGV[4], ARGV[5], ARGV[6])
   return -1
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  redis.call('HDEL', KEYS[4], ARGV[4])
+end
 return 1
 """
 
 # KEYS: call hash, call lock, tenant in-flight zset, tenant wait zset, tenant wait messages.
 # ARGV: snapshot field, snapshot JSON, retention s, token, lease ms, max in flight, want lock,
-#       event id, queue message.
+#       event id.
 # Stores the event's snapshot and, when asked, takes the call's lock in the same step; when
 # the lock is taken the whole call state comes back, read under the lock. One round trip.
-_SNAPSHOT_ACQUIRE_LUA = _CAP_WAIT + """
+_SNAPSHOT_ACQUIRE_LUA = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if ARGV[7] ~= '1' then return {2} end
@@ -65,39 +88,50 @@ if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return {0} 
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
   redis.call('DEL', KEYS[2])
-  wait_for_slot(now, KEYS[4], KEYS[5], ARGV[8], ARGV[9], ARGV[3])
   return {-1}
 end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('ZREM', KEYS[4], ARGV[8])
+redis.call('HDEL', KEYS[5], ARGV[8])
 return {1, redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: event hash, timeline, stats, tenant in-flight zset, tenant wait zset, tenant wait
+#       messages, retry zset, pending zset, queue.
+# ARGV: event id, queue message, safety due (s), retention s, timeline entry, stats counter,
+#       max in flight.
+# The event waits for a slot: status, timeline, safety retry and wait-list entry in one step
+# (it keeps its place if it waited before), then a waiter is woken if a slot is free now.
+_WAIT_LUA = _WAKE + """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = redis.call('HGET', KEYS[1], 'waiting_since') or tostring(now_ms / 1000)
+redis.call('HSET', KEYS[1], 'status', 'waiting', 'next_attempt_at', ARGV[3],
+  'waiting_since', since)
+redis.call('RPUSH', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
+redis.call('ZREM', KEYS[8], ARGV[1])
+redis.call('ZADD', KEYS[5], since, ARGV[1])
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[5], ARGV[4])
+redis.call('EXPIRE', KEYS[6], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
+if redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[7]) then
+  return wake_one(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+end
+return 0
 """
 
 # KEYS: call lock, tenant in-flight zset, tenant wait zset, tenant wait messages, retry zset,
 #       pending zset, queue. ARGV: token.
-# Frees the call lock and the tenant slot; a freed slot goes to the longest-waiting event of
-# the tenant that is still unfinished (entries for events finished meanwhile are dropped).
-_RELEASE_LUA = """
+# Frees the call lock and the tenant slot; a freed slot wakes the tenant's longest waiter.
+_RELEASE_LUA = _WAKE + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-for _ = 1, 25 do
-  local head = redis.call('ZPOPMIN', KEYS[3])
-  local id = head[1]
-  if not id then return 0 end
-  local msg = redis.call('HGET', KEYS[4], id)
-  redis.call('HDEL', KEYS[4], id)
-  local ek = 'rb:ev:' .. id
-  local st = redis.call('HGET', ek, 'status')
-  if msg and st and st ~= 'delivered' and st ~= 'skipped' and st ~= 'dead' then
-    local t = redis.call('TIME')
-    redis.call('ZREM', KEYS[5], id)
-    redis.call('ZADD', KEYS[6], tonumber(t[1]) + tonumber(t[2]) / 1e6, id)
-    redis.call('LPUSH', KEYS[7], msg)
-    redis.call('HSET', ek, 'status', 'queued')
-    return 1
-  end
-end
-return 0
+return wake_one(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 """
 
 # KEYS: source zset (retry or pending), pending zset, queue. ARGV: now, max score, id, msg, ...
@@ -135,6 +169,7 @@ class CallState:
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._snapshot_acquire = client.register_script(_SNAPSHOT_ACQUIRE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
+        self._wait = client.register_script(_WAIT_LUA)
         self._requeue = client.register_script(_REQUEUE_LUA)
 
     def snapshot_and_acquire(self, tenant: str, source: str, call_id: str, event_id: str,
@@ -148,8 +183,7 @@ class CallState:
                   keys.call_lock_key(tenant, source, call_id), keys.inflight_key(tenant),
                   keys.cap_wait_key(tenant), keys.cap_wait_messages_key(tenant)],
             args=[f"s:{event_id}", json.dumps(snapshot, separators=(",", ":")), self.retention,
-                  token, lease_ms, max_inflight, "1" if want_lock else "0", event_id,
-                  process_event_message(event_id) if want_lock else ""])
+                  token, lease_ms, max_inflight, "1" if want_lock else "0", event_id])
         code = int(reply[0])
         if code != 1:
             return code, None
@@ -169,13 +203,23 @@ class CallState:
 
     def acquire(self, tenant: str, source: str, call_id: str, token: str, lease_ms: int,
                 max_inflight: int, event_id: str = "") -> int:
-        """1 taken, 0 call busy, -1 tenant at its cap: then ``event_id`` (when given) waits
-        on the tenant's wait list for a freed slot."""
+        """1 taken (``event_id``, when given, leaves the tenant's wait list), 0 call busy,
+        -1 tenant at its cap (see ``wait_for_slot``)."""
         return int(self._acquire(
             keys=[keys.call_lock_key(tenant, source, call_id), keys.inflight_key(tenant),
                   keys.cap_wait_key(tenant), keys.cap_wait_messages_key(tenant)],
-            args=[token, lease_ms, max_inflight, event_id,
-                  process_event_message(event_id) if event_id else "", self.retention]))
+            args=[token, lease_ms, max_inflight, event_id]))
+
+    def wait_for_slot(self, tenant: str, event_id: str, *, due: float, entry: str,
+                      counter: str, max_inflight: int, retention: int) -> bool:
+        """Put the event on its tenant's wait list, status 'waiting', with a safety retry at
+        ``due``; returns whether a waiter (maybe this one) was woken at once."""
+        return bool(self._wait(
+            keys=[keys.event_key(event_id), keys.timeline_key(event_id), keys.STATS,
+                  keys.inflight_key(tenant), keys.cap_wait_key(tenant),
+                  keys.cap_wait_messages_key(tenant), keys.RETRY, keys.PENDING, QUEUE_EVENTS],
+            args=[event_id, process_event_message(event_id), repr(due), retention, entry,
+                  counter, max_inflight]))
 
     def release(self, pipe: Any, tenant: str, source: str, call_id: str, token: str) -> None:
         """Free the call lock and the tenant slot, handing the slot to a waiting event."""

@@ -492,6 +492,77 @@ def test_freed_slot_goes_to_the_longest_waiting_unfinished_event(
     assert queued_ids(rt) == [ids[1]]
 
 
+def _capped(rt: Runtime, name: str) -> str:
+    eid, outcome = run(rt, {**load("callrail", "post_call"), "resource_id": name})
+    assert outcome == Outcome.BUSY
+    return eid
+
+
+def test_only_a_still_waiting_event_is_woken(fake_redis: fakeredis.FakeRedis) -> None:
+    """A wait-list entry of an event that went on another way (its safety retry ran, it got
+    a retryable answer and waits for its backoff) must not be woken: that would skip the
+    backoff. The entry is dropped and the next real waiter gets the slot."""
+    fake_redis.flushall()
+    rt = make_runtime(fake_redis, tenant_max_inflight=1)
+    assert rt.calls.acquire("acme", "callrail", "CALhold", "tok", 30_000, 1) == 1
+    first, second = _capped(rt, "CALstale"), _capped(rt, "CALreal")
+    rt.redis.hset(keys.event_key(first), "status", "retry_scheduled")   # moved on meanwhile
+    backoff = time.time() + 300
+    rt.redis.zadd(keys.RETRY, {first: backoff})
+    rt.redis.delete(QUEUE_EVENTS)
+    rt.calls.release(rt.redis, "acme", "callrail", "CALhold", "tok")
+    assert queued_ids(rt) == [second]
+    assert rt.redis.zscore(keys.RETRY, first) == backoff        # its backoff is kept
+    assert status(rt, first) == "retry_scheduled"
+    assert whats(rt, second)[-1] == "queued"                    # the wake is in the timeline
+
+
+def test_event_that_gets_a_slot_leaves_the_wait_list(fake_redis: fakeredis.FakeRedis) -> None:
+    fake_redis.flushall()
+    rt = make_runtime(fake_redis, tenant_max_inflight=1)
+    assert rt.calls.acquire("acme", "callrail", "CALhold", "tok", 30_000, 1) == 1
+    eid = _capped(rt, "CALlate")
+    rt.redis.zadd(keys.RETRY, {eid: time.time() - 1})          # its safety retry runs first
+    rt.redis.zrem(keys.inflight_key("acme"), "tok")           # the holder's lease ran out
+    assert scheduler.move_due_retries(rt) == 1
+    assert process_event(rt, eid) == Outcome.DELIVERED
+    assert rt.redis.zcard(keys.cap_wait_key("acme")) == 0
+    assert rt.redis.hlen(keys.cap_wait_messages_key("acme")) == 0
+
+
+def test_release_between_the_cap_check_and_the_wait_is_not_missed(
+        fake_redis: fakeredis.FakeRedis) -> None:
+    """The cap check and the wait are two steps; a slot freed between them is found by the
+    wait step itself, which then wakes the waiter."""
+    fake_redis.flushall()
+    rt = make_runtime(fake_redis, tenant_max_inflight=1)
+    eid = ingest(rt, load("callrail", "post_call"))
+    rt.redis.delete(QUEUE_EVENTS)
+    # the cap was full when checked; the slot is free again when the event starts to wait
+    woken = rt.calls.wait_for_slot("acme", eid, due=time.time() + 60, entry="{}",
+                                   counter=Outcome.BUSY, max_inflight=1, retention=600)
+    assert woken and queued_ids(rt) == [eid] and status(rt, eid) == "queued"
+    assert rt.redis.zscore(keys.RETRY, eid) is None
+
+
+def test_a_woken_event_capped_again_keeps_its_place(fake_redis: fakeredis.FakeRedis) -> None:
+    fake_redis.flushall()
+    rt = make_runtime(fake_redis, tenant_max_inflight=1)
+    assert rt.calls.acquire("acme", "callrail", "CALhold", "tok", 30_000, 1) == 1
+    first = _capped(rt, "CALfirst")
+    time.sleep(0.01)
+    second = _capped(rt, "CALsecond")
+    rt.redis.delete(QUEUE_EVENTS)
+    rt.calls.release(rt.redis, "acme", "callrail", "CALhold", "tok")
+    assert queued_ids(rt) == [first]
+    # A newcomer takes the slot before the woken event runs: it is capped again...
+    assert rt.calls.acquire("acme", "callrail", "CALnew", "tok2", 30_000, 1) == 1
+    assert process_event(rt, first) == Outcome.BUSY
+    # ...and is still ahead of the event that began waiting after it.
+    assert rt.redis.zrange(keys.cap_wait_key("acme"), 0, -1) == [first.encode(),
+                                                                 second.encode()]
+
+
 # -- scheduler ----------------------------------------------------------------------------
 
 def test_move_due_retries_moves_only_due_ids_once(rt: Runtime) -> None:
@@ -697,5 +768,5 @@ def test_delivery_that_needs_no_callrail_call_never_touches_the_guard(
     body["resource_id"] = "CALapi0001"
     body["recording"] = "https://api.callrail.com/v3/a/111111111/calls/CALapi0001/recording.json"
     _, outcome = run(rt, body)
-    assert outcome != Outcome.DELIVERED
+    assert outcome == Outcome.WAITING         # for its recording lookup
     assert fake_redis.keys("rb:cr:*")         # this one does go through the guard
