@@ -47,17 +47,26 @@ def error(status: int, message: str, **headers: str) -> Response:
     return resp
 
 
+class ShortBody(Exception):
+    """The client sent fewer bytes than its Content-Length."""
+
+
 def _read_body(environ: dict[str, Any], limit: int) -> bytes | None:
     """The body, or None when it is over ``limit`` (never reading more than limit + 1 bytes).
     werkzeug's input stream: bounded by Content-Length, or read to EOF when the server says
     the input is terminated (gunicorn, for chunked bodies), else empty."""
     length = environ.get("CONTENT_LENGTH")
-    if length and length.isdigit():
-        if int(length) > limit:
+    if length and length.isascii() and length.isdigit():
+        declared = int(length)
+        if declared > limit:
             return None
         # The server bounds wsgi.input by Content-Length (PEP 3333): one read, as werkzeug's
-        # LimitedStream would do; a body cut short by the client is a short read.
-        return environ["wsgi.input"].read(int(length))  # type: ignore[no-any-return]
+        # LimitedStream would do. A client that sent less and hung up gets a 400 (as with
+        # werkzeug), not a 401 for a signature over half a body.
+        body: bytes = environ["wsgi.input"].read(declared)
+        if len(body) < declared:
+            raise ShortBody
+        return body
     stream = get_input_stream(environ, max_content_length=None)
     chunks: list[bytes] = []
     total = 0
@@ -115,7 +124,10 @@ class Intake:
         note: dict[str, Any] = environ.setdefault(NOTE, {})
         note["source"] = source
         limit = self.settings.max_body_bytes
-        body = _read_body(environ, limit)
+        try:
+            body = _read_body(environ, limit)
+        except ShortBody:
+            return _reply(400, "body shorter than its Content-Length")
         if body is None:
             return _reply(413, f"body over {limit} bytes", _CLOSE)
         tenant = self.tenants.get(tenant_slug)
@@ -243,7 +255,7 @@ class Observed:
             except Exception:   # as Flask's catch-all handler would: logged, a JSON 500
                 log.exception("unhandled error")
                 status, body, headers = _INTERNAL
-            start_response(_STATUS_LINE[status], [
+            start_response(_STATUS_LINE.get(status) or f"{status} UNKNOWN", [
                 ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                 *headers])
             self._observe(environ, status, started)

@@ -838,3 +838,22 @@ def test_metrics_show_events_waiting_for_a_tenant_slot(client: FlaskClient,
     assert 'rilla_bridge_waiting_for_slot{tenant="acme"} 2.0' in lines
     assert 'rilla_bridge_waiting_for_slot{tenant="vector"} 0.0' in lines
     assert "rilla_bridge_redis_up 1.0" in lines
+
+
+def test_body_shorter_than_content_length_is_400_and_stores_nothing(
+        app: Flask, fake_redis: fakeredis.FakeRedis) -> None:
+    """A client that hangs up mid-body: 400 (not a 401 for a signature over half a body)."""
+    raw = json.dumps(POST_CALL).encode()
+    seen: list[str] = []
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/webhooks/callrail/acme",
+               "QUERY_STRING": "", "CONTENT_LENGTH": str(len(raw) + 50),
+               "wsgi.input": io.BytesIO(raw), "HTTP_SIGNATURE": callrail_signature(ACME_KEY, raw),
+               "SERVER_NAME": "t", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+               "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO()}
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        seen.append(status)
+
+    body = b"".join(app(environ, start_response))
+    assert seen == ["400 BAD REQUEST"]
+    assert "Content-Length" in json.loads(body)["error"]
+    assert_nothing_stored(fake_redis)
