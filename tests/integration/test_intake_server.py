@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -142,18 +143,26 @@ def _webhook_counts(base: str) -> dict[tuple[str, str, str], float]:
 
 def test_metrics_count_every_request_across_workers(web: System, metrics_dir: str) -> None:
     accepted, refused, unknown = 45, 17, 8
-    for i in range(accepted):
+
+    def accept(i: int) -> int:
         body = json.dumps({"resource_id": f"CALm{i}"}).encode()
-        resp = requests.post(f"{web.web}/webhooks/callrail/acme", data=body,
-                             headers=_signed(body), timeout=10)
-        assert resp.status_code == 202
-    for _ in range(refused):
-        resp = requests.post(f"{web.web}/webhooks/callingly/beta?token=nope", json={"id": 1},
-                             timeout=10)
-        assert resp.status_code == 401
-    for _ in range(unknown):
-        resp = requests.post(f"{web.web}/webhooks/callrail/nobody", data=b"{}", timeout=10)
-        assert resp.status_code == 404
+        return requests.post(f"{web.web}/webhooks/callrail/acme", data=body,
+                             headers=_signed(body), timeout=10).status_code
+
+    def refuse(_: int) -> int:
+        return requests.post(f"{web.web}/webhooks/callingly/beta?token=nope", json={"id": 1},
+                             timeout=10).status_code
+
+    def unknown_tenant(_: int) -> int:
+        return requests.post(f"{web.web}/webhooks/callrail/nobody", data=b"{}",
+                             timeout=10).status_code
+
+    # Concurrent, so that several sync workers answer: one at a time, a fast worker that is
+    # back in accept() first can take every request.
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(accept, range(accepted))) == {202}
+        assert set(pool.map(refuse, range(refused))) == {401}
+        assert set(pool.map(unknown_tenant, range(unknown))) == {404}
     # several workers did the counting (each writes its own file) ...
     writers = [p for p in os.listdir(metrics_dir) if p.startswith("counter_")]
     assert len(writers) >= 2, writers
