@@ -102,7 +102,9 @@ class ConnectionPerThread:
     built, so it is built lazily: while Redis is down, calling this raises the RedisError the
     caller turns into a 503, and the next call tries again. After a fork the child builds its
     own, never sharing the parent's socket. A dropped connection reconnects on the next
-    command, as pooled ones do.
+    command, as pooled ones do. Meant for sync (or gthread) gunicorn workers: under a gevent
+    or eventlet worker ``threading.local`` is per greenlet, so every request would open a
+    connection of its own.
     """
 
     def __init__(self, factory: Callable[[], redis.Redis]) -> None:

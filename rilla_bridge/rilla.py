@@ -114,12 +114,13 @@ class RillaClient:
     """Thread- and greenlet-safe client for the Custom CRM API.
 
     One ``requests.Session`` per process (re-created after ``fork``), whose connection
-    pool holds ``pool_maxsize`` connections so that ~100 concurrent workers can share it.
+    pool holds ``pool_maxsize`` connections, more than the Procfile's 200 greenlets a worker
+    runs, so that none opens and drops a connection of its own.
     The adapter never retries on its own: retries are the caller's decision.
     """
 
     def __init__(self, base_url: str, *, connect_timeout: float = 3.05,
-                 read_timeout: float = 20.0, pool_maxsize: int = 100) -> None:
+                 read_timeout: float = 20.0, pool_maxsize: int = 256) -> None:
         self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout

@@ -237,7 +237,7 @@ def test_headers_and_pool(client: RillaClient, sandbox: LoopbackSandbox) -> None
     assert headers["HTTP_ACCEPT"] == "application/json"
     assert headers["HTTP_USER_AGENT"] == USER_AGENT and USER_AGENT.startswith("rilla-bridge/")
     adapter = client.session().get_adapter(sandbox.url)
-    assert adapter._pool_maxsize == 100  # type: ignore[attr-defined]
+    assert adapter._pool_maxsize == 256  # type: ignore[attr-defined]  # > 200 greenlets
     assert adapter.max_retries.total == 0  # type: ignore[attr-defined]
 
 
