@@ -49,7 +49,7 @@ def create_app(
     app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
 
-    app.wsgi_app = views.Observed(app.wsgi_app, intake)  # type: ignore[method-assign]
+    app.wsgi_app = views.FrontDoor(app.wsgi_app, intake)  # type: ignore[method-assign]
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

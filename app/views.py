@@ -120,7 +120,7 @@ class Intake:
         self.store = store
 
     def handle(self, environ: dict[str, Any], source: str, tenant_slug: str) -> Reply:
-        # What the request log line reports (see Observed); filled in as the checks pass.
+        # What the request log line reports (see FrontDoor); filled in as the checks pass.
         note: dict[str, Any] = environ.setdefault(NOTE, {})
         note["source"] = source
         limit = self.settings.max_body_bytes
@@ -234,7 +234,7 @@ _STATUS_LINE = {code: f"{code} {HTTP_STATUS_CODES[code].upper()}"
 _INTERNAL: Reply = _reply(500, "internal error")
 
 
-class Observed:
+class FrontDoor:
     """The WSGI front door. A webhook POST goes straight to ``Intake.handle`` (no Flask
     request context, routing or Response object per webhook); everything else goes through
     Flask. Either way: one log line and the intake metrics per request, whatever answered it
