@@ -100,14 +100,22 @@ class EventStore:
         for k, v in (extra or {}).items():
             fields += [k, v]
         message = process_event_message(event_id) if enqueue else ""
-        code, stored_id = self._intake(
-            client=self._intake_client() if self._intake_client else None,
-            keys=[keys.dedup_key(source, tenant, kind, digest), keys.event_key(event_id),
-                  keys.PENDING, QUEUE_EVENTS],
-            args=[event_id, message, self.dedup_window, self.retention, repr(now), tenant,
-                  source, kind, status, len(body), digest, call_id or "",
-                  body if keep_body else "", *fields],
-        )
+        client = self._intake_client() if self._intake_client else None
+        store_keys = [keys.dedup_key(source, tenant, kind, digest), keys.event_key(event_id),
+                      keys.PENDING, QUEUE_EVENTS]
+        args = [event_id, message, self.dedup_window, self.retention, repr(now), tenant,
+                source, kind, status, len(body), digest, call_id or "",
+                body if keep_body else "", *fields]
+        try:
+            code, stored_id = self._intake(client=client, keys=store_keys, args=args)
+        except redis.ConnectionError:
+            if client is None:
+                raise
+            # A single connection is not checked before use as a pooled one is, so after a
+            # Redis restart the first command meets the closed socket (and redis-py 8 does
+            # not retry it). It is disconnected now: one more try connects afresh. Had the
+            # first try reached Redis, this one is answered as its duplicate, same id.
+            code, stored_id = self._intake(client=client, keys=store_keys, args=args)
         sid = stored_id.decode() if isinstance(stored_id, bytes) else str(stored_id)
         return Stored(event_id=sid, duplicate=not code)
 

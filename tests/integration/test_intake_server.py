@@ -17,6 +17,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.verify import callrail_signature
+from rilla_bridge.events import EventStore
+from rilla_bridge.redis_conn import make_redis, single_connection
+from rilla_bridge.settings import Settings
 from tests.support import RedisServer, wait_for
 from tests.system import BIN, System
 
@@ -298,3 +301,24 @@ def test_signed_webhook_is_delivered_end_to_end(own_redis: RedisServer) -> None:
         assert f"callrail-{call_id}" in json.dumps(state)
     finally:
         system.stop()
+
+
+def test_store_on_a_single_connection_survives_a_redis_restart(own_redis: RedisServer) -> None:
+    """The web stores webhooks on one connection per worker, which redis-py 8 neither checks
+    before use nor retries: the first store after a Redis restart must still succeed."""
+    settings = Settings(redis_url=own_redis.url)
+    client = make_redis(settings)
+    store = EventStore(client, dedup_window=60, retention=600,
+                       intake_client=single_connection(settings))
+    try:
+        first = store.intake(source="callrail", tenant="acme", kind="post_call",
+                             body=b'{"resource_id": "CAL1"}', call_id="CAL1")
+        own_redis.stop()
+        own_redis.start()
+        second = store.intake(source="callrail", tenant="acme", kind="post_call",
+                              body=b'{"resource_id": "CAL2"}', call_id="CAL2")
+        assert not second.duplicate
+        assert store.get(second.event_id) is not None
+        assert store.get(first.event_id) is not None   # append-only Redis kept it
+    finally:
+        client.close()
