@@ -303,5 +303,5 @@ def observe(environ: dict[str, Any], status: int, elapsed: float) -> None:
             "method": environ.get("REQUEST_METHOD"), "path": _path(environ),
             "status": status, "ms": round(elapsed * 1000, 2), "source": source,
             "tenant": tenant, "kind": note.get("kind"), "event_id": note.get("event_id"),
-            "bytes": int(length) if length and length.isdigit() else None,
+            "bytes": int(length) if length and length.isascii() and length.isdigit() else None,
         })
