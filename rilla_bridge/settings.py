@@ -48,7 +48,7 @@ class Settings:
     admin_token: str = ""
     sentry_dsn: str = ""
     port: int = 8000
-    web_concurrency: int = 3   # gunicorn workers (Heroku sets WEB_CONCURRENCY)
+    web_concurrency: int = 4   # gunicorn sync workers (Heroku sets WEB_CONCURRENCY)
     retry_base_seconds: float = 5.0
     retry_max_delay_seconds: float = 3600.0
     retry_max_age_seconds: float = 86400.0
