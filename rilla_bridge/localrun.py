@@ -35,6 +35,7 @@ DEMO_ENV = {
     "DEMO_CALLINGLY_TOKEN": "demo-callingly-token-0001",
     "DEMO_CALLRAIL_API_KEY": "demo-callrail-api-key-0001",
 }
+DEMO_CALLRAIL_ACCOUNT = "227799611"   # known to the local CallRail sandbox from its start
 DEMO_TENANTS = """\
 [tenants.demo]
 rilla_api_key = "${DEMO_RILLA_KEY}"
@@ -43,11 +44,11 @@ default_user_email = "office@demo-roofing.example"
 "mike@acme.example" = "mike.r@demo-roofing.example"
 [tenants.demo.callrail]
 signing_key = "${DEMO_CALLRAIL_SIGNING_KEY}"
-account_id = "227799611"
+account_id = "@ACCOUNT@"
 api_key = "${DEMO_CALLRAIL_API_KEY}"
 [tenants.demo.callingly]
 webhook_token = "${DEMO_CALLINGLY_TOKEN}"
-"""
+""".replace("@ACCOUNT@", DEMO_CALLRAIL_ACCOUNT)
 COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m", "\033[37m"]
 
 
@@ -139,7 +140,9 @@ def run_local() -> None:
     commands = [
         ("rilla-sbx", f"{exe} -m rilla_bridge.sandbox.rilla --port {RILLA_PORT} "
                       f"--org {env.get('DEMO_RILLA_KEY', 'demo-rilla-key-0001')}"),
-        ("callrail-sbx", f"{exe} -m rilla_bridge.callrail.sandbox --port {CALLRAIL_PORT}"),
+        ("callrail-sbx", f"{exe} -m rilla_bridge.callrail.sandbox --port {CALLRAIL_PORT} "
+                         f"--account {DEMO_CALLRAIL_ACCOUNT}:"
+                         f"{env.get('DEMO_CALLRAIL_API_KEY', 'demo-callrail-api-key-0001')}"),
         *procfile_commands(HERE / "Procfile"),
     ]
     procs = [start(n, c, env, COLORS[i % len(COLORS)]) for i, (n, c) in enumerate(commands)]

@@ -271,11 +271,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--daily-limit", type=int, default=10000)
     p.add_argument("--hour-seconds", type=float, default=3600.0)
     p.add_argument("--day-seconds", type=float, default=86400.0)
+    p.add_argument("--account", action="append", default=[], metavar="ID:API_KEY",
+                   help="an account known from the start (no calls yet); repeatable")
     a = p.parse_args(argv)
     from gevent.pywsgi import WSGIServer  # only the served sandbox needs gevent
 
     state = SandboxState(hourly_limit=a.hourly_limit, daily_limit=a.daily_limit,
                          hour_seconds=a.hour_seconds, day_seconds=a.day_seconds)
+    for spec in a.account:
+        account_id, sep, api_key = spec.partition(":")
+        if not (account_id and sep and api_key):
+            p.error(f"--account takes ID:API_KEY, not {spec!r}")
+        state.accounts[account_id] = Account(api_key=api_key)
     server = WSGIServer((a.host, a.port), make_app(state), log=None)
     server.start()
     print(f"callrail sandbox listening on http://{a.host}:{a.port}", flush=True)

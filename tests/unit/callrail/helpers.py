@@ -15,14 +15,15 @@ from tests.support import free_port, port_open, wait_for
 
 @contextmanager
 def sandbox_process(*, hourly_limit: int = 1000, daily_limit: int = 10000,
-                    hour_seconds: float = 3600, day_seconds: float = 86400) -> Iterator[str]:
+                    hour_seconds: float = 3600, day_seconds: float = 86400,
+                    extra: tuple[str, ...] = ()) -> Iterator[str]:
     """Run ``python -m rilla_bridge.callrail.sandbox`` on a free port; yields its base URL."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rilla_bridge.callrail.sandbox", "--host", "127.0.0.1",
          "--port", str(port), "--hourly-limit", str(hourly_limit),
          "--daily-limit", str(daily_limit), "--hour-seconds", str(hour_seconds),
-         "--day-seconds", str(day_seconds)],
+         "--day-seconds", str(day_seconds), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import requests
 
 from rilla_bridge.callrail.client import CallRailClient, classify, parse_recording_api_url
 from rilla_bridge.callrail.sandbox import DEFAULT_FIELDS, make_call
@@ -193,3 +196,18 @@ def test_classify_and_parse() -> None:
     assert parse_recording_api_url(
         "https://app.callrail.com/calls/CALabc/recording/redirect?access_key=x") is None
     assert parse_recording_api_url("") is None
+
+
+def test_sandbox_knows_accounts_given_at_start() -> None:
+    """`--account ID:KEY` (the local run's demo account): known before anyone registers it,
+    so the scheduler's first reconciliation is not refused."""
+    with sandbox_process(extra=("--account", "555000111:demo-key-0001")) as base:
+        ok = requests.get(f"{base}/v3/a/555000111/calls.json", timeout=5,
+                          headers={"Authorization": 'Token token="demo-key-0001"'})
+        assert ok.status_code == 200 and ok.json()["calls"] == []
+        wrong = requests.get(f"{base}/v3/a/555000111/calls.json", timeout=5,
+                             headers={"Authorization": 'Token token="other"'})
+        assert wrong.status_code == 401
+    out = subprocess.run([sys.executable, "-m", "rilla_bridge.callrail.sandbox", "--account",
+                          "no-key"], capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 2 and "ID:API_KEY" in out.stderr
