@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -50,13 +51,19 @@ def send_samples(base: str, sandbox: str, env: dict[str, str],
         except requests.RequestException:
             pass
         time.sleep(0.2)
-    body = json.dumps(SAMPLE_CALLRAIL).encode()
+    # New call ids each run: with a Redis that keeps its data, last run's calls would be
+    # duplicates (dedup window) or already delivered, and the fresh sandbox would stay empty.
+    run = uuid.uuid4().hex
+    callrail = dict(SAMPLE_CALLRAIL, resource_id=f"CAL{run}", recording=(
+        f"https://app.callrail.com/calls/CAL{run}/recording/redirect?access_key=9c2e71f04ab35"))
+    callingly = dict(SAMPLE_CALLINGLY, id=int(run[:12], 16))
+    body = json.dumps(callrail).encode()
     sig = callrail_signature(env["DEMO_CALLRAIL_SIGNING_KEY"], body)
     r1 = requests.post(f"{base}/webhooks/callrail/demo?event=post_call", data=body,
                        headers={"Signature": sig, "Content-Type": "application/json"}, timeout=5)
     say(f"sample CallRail post-call -> {r1.status_code} {r1.text}")
     r2 = requests.post(f"{base}/webhooks/callingly/demo?event=call_completed&token="
-                       f"{env['DEMO_CALLINGLY_TOKEN']}", json=SAMPLE_CALLINGLY, timeout=5)
+                       f"{env['DEMO_CALLINGLY_TOKEN']}", json=callingly, timeout=5)
     say(f"sample Callingly call_completed -> {r2.status_code} {r2.text}")
     time.sleep(3)
     for r in (r1, r2):
