@@ -52,25 +52,40 @@ local function wake_one(wait_key, msg_key, retry_key, pending_key, queue_key)
 end
 """
 
+# The call lock and the tenant slot, taken together (both acquire scripts and the wait).
+_SLOTS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Drops lapsed leases (a killed worker's); whether the tenant has a slot free.
+local function slot_free(inflight, now, max)
+  redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
+  return redis.call('ZCARD', inflight) < tonumber(max)
+end
+-- 1 taken (the event, when named, leaves the wait list), 0 call busy, -1 tenant at its cap.
+local function take(lock, inflight, wait_key, msg_key, token, lease, max, event_id)
+  local now = now_ms()
+  if not redis.call('SET', lock, token, 'NX', 'PX', lease) then return 0 end
+  if not slot_free(inflight, now, max) then
+    redis.call('DEL', lock)
+    return -1
+  end
+  redis.call('ZADD', inflight, now + tonumber(lease), token)
+  redis.call('PEXPIRE', inflight, lease)
+  if event_id ~= '' then
+    redis.call('ZREM', wait_key, event_id)
+    redis.call('HDEL', msg_key, event_id)
+  end
+  return 1
+end
+"""
+
 # KEYS: call lock, tenant in-flight zset, tenant wait zset, tenant wait messages.
 # ARGV: token, lease ms, max in flight, event id ('' = none).
 # Returns 1 acquired (and the event leaves the wait list), 0 call busy, -1 tenant at its cap.
-_ACQUIRE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
-  redis.call('DEL', KEYS[1])
-  return -1
-end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-if ARGV[4] ~= '' then
-  redis.call('ZREM', KEYS[3], ARGV[4])
-  redis.call('HDEL', KEYS[4], ARGV[4])
-end
-return 1
+_ACQUIRE_LUA = _SLOTS + """
+return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """
 
 # KEYS: call hash, call lock, tenant in-flight zset, tenant wait zset, tenant wait messages.
@@ -78,22 +93,12 @@ return 1
 #       event id.
 # Stores the event's snapshot and, when asked, takes the call's lock in the same step; when
 # the lock is taken the whole call state comes back, read under the lock. One round trip.
-_SNAPSHOT_ACQUIRE_LUA = """
+_SNAPSHOT_ACQUIRE_LUA = _SLOTS + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if ARGV[7] ~= '1' then return {2} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return {0} end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
-  redis.call('DEL', KEYS[2])
-  return {-1}
-end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4])
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
-redis.call('ZREM', KEYS[4], ARGV[8])
-redis.call('HDEL', KEYS[5], ARGV[8])
+local got = take(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[4], ARGV[5], ARGV[6], ARGV[8])
+if got ~= 1 then return {got} end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
 
@@ -103,10 +108,9 @@ return {1, redis.call('HGETALL', KEYS[1])}
 #       max in flight.
 # The event waits for a slot: status, timeline, safety retry and wait-list entry in one step
 # (it keeps its place if it waited before), then a waiter is woken if a slot is free now.
-_WAIT_LUA = _WAKE + """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local since = redis.call('HGET', KEYS[1], 'waiting_since') or tostring(now_ms / 1000)
+_WAIT_LUA = _SLOTS + _WAKE + """
+local now = now_ms()
+local since = redis.call('HGET', KEYS[1], 'waiting_since') or tostring(now / 1000)
 redis.call('HSET', KEYS[1], 'status', 'waiting', 'next_attempt_at', ARGV[3],
   'waiting_since', since)
 redis.call('RPUSH', KEYS[2], ARGV[5])
@@ -118,8 +122,7 @@ redis.call('ZADD', KEYS[5], since, ARGV[1])
 redis.call('HSET', KEYS[6], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[5], ARGV[4])
 redis.call('EXPIRE', KEYS[6], ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
-if redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[7]) then
+if slot_free(KEYS[4], now, ARGV[7]) then
   return wake_one(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 end
 return 0
