@@ -41,10 +41,9 @@ RETRY_AFTER_SECONDS = "5"
 
 
 def error(status: int, message: str, **headers: str) -> Response:
-    resp = Response(json.dumps({"error": message}), status=status, mimetype="application/json")
-    for k, v in headers.items():
-        resp.headers[k.replace("_", "-")] = v
-    return resp
+    """The JSON error reply of the Flask routes and handlers: the same as the front door's."""
+    return _as_response(_reply(status, message,
+                               tuple((k.replace("_", "-"), v) for k, v in headers.items())))
 
 
 class ShortBody(Exception):
