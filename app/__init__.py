@@ -1,4 +1,8 @@
-"""The web process: ``create_app`` builds the Flask app for gunicorn (``app.wsgi:app``)."""
+"""The web process: ``create_app`` builds the Flask app for the WSGI server (``app.wsgi:app``).
+
+Webhooks are answered by the front door (``app.door``, handler in ``app.intake``) before Flask;
+Flask serves the other views (``app.views``).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,14 @@ from typing import Any
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
-from rilla_bridge.events import EventStore
+from app import views
+from app.door import FrontDoor
+from app.intake import Intake
+from rilla_bridge.clock import Clock, SystemClock
+from rilla_bridge.lifecycle import Lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
 from rilla_bridge.redis_conn import make_redis, single_connection, warn_unless_noeviction
+from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant, load_tenants
 
@@ -21,9 +30,9 @@ def create_app(
     settings: Settings | None = None,
     tenants: dict[str, Tenant] | None = None,
     redis_client: Any = None,
+    clock: Clock | None = None,
 ) -> Flask:
-    from app import views
-
+    """The web app. Tests pass settings, tenants, a (fake) Redis client and a clock."""
     settings = settings or Settings.from_env()
     tenants = load_tenants(settings.tenants_file) if tenants is None else tenants
     setup_logging()
@@ -33,23 +42,22 @@ def create_app(
     warn_unless_noeviction(client, log)
     # Webhooks: one connection per worker thread, not the pool (see ConnectionPerThread).
     intake_client = None if redis_client is not None else single_connection(settings)
+    lifecycle = Lifecycle(client, Scripts(client), clock or SystemClock(), settings,
+                          intake_client=intake_client)
 
     app = Flask(__name__)
-    store = EventStore(client, dedup_window=settings.dedup_window_seconds,
-                       retention=settings.event_retention_seconds,
-                       intake_client=intake_client)
-    intake = views.Intake(settings, tenants, store)
     app.config.update(
         RB_REDIS=client,
-        RB_STORE=store,
-        RB_INTAKE=intake,
-        MAX_CONTENT_LENGTH=None,  # the intake view enforces the limit itself, streaming
+        RB_TENANTS=tenants,
+        RB_LIFECYCLE=lifecycle,
+        MAX_CONTENT_LENGTH=None,  # the front door enforces the limit on webhooks, streaming
     )
-    # "//" in a webhook URL is a wrong URL (404), not a 308 redirect a sender might not follow.
+    # "//" in a URL is a wrong URL (404), not a 308 redirect a sender might not follow.
     app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
-
-    app.wsgi_app = views.FrontDoor(app.wsgi_app, intake)  # type: ignore[method-assign]
+    intake = Intake(tenants, lifecycle)
+    app.wsgi_app = FrontDoor(  # type: ignore[method-assign]
+        app.wsgi_app, intake, settings.max_body_bytes)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

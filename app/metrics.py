@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from rilla_bridge import redis_conn as keys
-from rilla_bridge.taskqueue import QUEUE_CALLRAIL, QUEUE_EVENTS
+from rilla_bridge import keys
+from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
 
 WEBHOOKS = Counter(
     "rilla_bridge_webhooks_total", "Webhook requests by source, tenant and reply code",
@@ -55,7 +55,7 @@ class RedisStateCollector(Collector):
                 pipe.zcard(keys.DLQ_INDEX)
                 pipe.hgetall(keys.STATS)
                 for tenant in self.tenants:
-                    pipe.zcard(keys.cap_wait_key(tenant))
+                    pipe.zcard(keys.cap_wait(tenant))
                 q_events, q_callrail, pending, oldest, retry, dlq, stats, *waiting = (
                     pipe.execute())
         except redis.RedisError:

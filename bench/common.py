@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from app.verify import callrail_signature
+from rilla_bridge.providers.callrail import signature as callrail_signature
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

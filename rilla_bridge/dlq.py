@@ -2,48 +2,24 @@
 
 An entry keeps everything SPEC lists: our event id, tenant, source, the raw event, the last
 payload sent, Rilla's last status and body, attempts, first and last failure times, and the
-reason. Replay puts the raw event back through intake's path (event record, pending index,
-queue message) in ONE Lua script, so a replay is never half done and replaying twice is a
-no-op the second time (the entry is gone).
+reason. Entries are added, and replayed, by ``rilla_bridge.lifecycle`` (an event's status
+changes there); this module lists, reads and deletes them.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from rilla_bridge import redis_conn as keys
-from rilla_bridge.events import timeline_entry
-from rilla_bridge.taskqueue import QUEUE_EVENTS, process_event_message
+from rilla_bridge import keys
+from rilla_bridge.clock import Clock
 
 LIST_FIELDS = ("id", "tenant", "source", "kind", "event_id", "reason_code", "reason",
                "status_code", "attempts", "first_failure_at", "failed_at")
-
-# KEYS: dlq entry, dlq index, event hash, timeline, pending, queue
-# ARGV: id, message, now, retention, timeline entry
-_REPLAY_LUA = """
-local e = redis.call('HGETALL', KEYS[1])
-if #e == 0 then return 0 end
-local d = {}
-for i = 1, #e, 2 do d[e[i]] = e[i + 1] end
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'id', ARGV[1], 'tenant', d['tenant'], 'source', d['source'],
-  'kind', d['kind'], 'received_at', d['received_at'] or ARGV[3], 'call_id', d['call_id'] or '',
-  'body', d['body'] or '', 'status', 'queued', 'replayed_at', ARGV[3], 'attempts', 0)
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('RPUSH', KEYS[4], ARGV[5])
-redis.call('EXPIRE', KEYS[4], ARGV[4])
-redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
-redis.call('LPUSH', KEYS[6], ARGV[2])
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -82,17 +58,16 @@ def _decode(raw: Mapping[Any, Any]) -> dict[str, Any]:
 
 
 class DeadLetters:
-    def __init__(self, client: redis.Redis, *, retention: int) -> None:
+    def __init__(self, client: redis.Redis, clock: Clock) -> None:
         self.redis = client
-        self.retention = retention
-        self._replay = client.register_script(_REPLAY_LUA)
+        self.clock = clock
 
     def add(self, pipe: Any, event: dict[str, Any], *, reason_code: str, reason: str,
             rilla_event_id: str = "", status_code: int | None = None, response_body: str = "",
             payload: dict[str, Any] | None = None, attempts: int = 0,
             first_failure_at: float | None = None) -> None:
         """Queue the writes that dead-letter ``event`` on ``pipe`` (caller executes it)."""
-        now = time.time()
+        now = self.clock.now()
         eid = event["id"]
         entry: dict[str, Any] = {
             "id": eid, "tenant": event.get("tenant", ""), "source": event.get("source", ""),
@@ -105,11 +80,11 @@ class DeadLetters:
             "payload": json.dumps(payload) if payload is not None else "",
             "body": event.get("body", b""),
         }
-        pipe.hset(keys.dlq_key(eid), mapping=entry)
+        pipe.hset(keys.dead_letter(eid), mapping=entry)
         pipe.zadd(keys.DLQ_INDEX, {eid: now})
 
     def get(self, event_id: str) -> dict[str, Any] | None:
-        raw = self.redis.hgetall(keys.dlq_key(event_id))
+        raw = self.redis.hgetall(keys.dead_letter(event_id))
         return _decode(raw) if raw else None
 
     def iter(self, selector: Selector, batch: int = 500) -> Iterator[dict[str, Any]]:
@@ -121,7 +96,7 @@ class DeadLetters:
                 return
             with self.redis.pipeline(transaction=False) as pipe:
                 for i in ids:
-                    pipe.hmget(keys.dlq_key(i.decode() if isinstance(i, bytes) else str(i)),
+                    pipe.hmget(keys.dead_letter(i.decode() if isinstance(i, bytes) else str(i)),
                                LIST_FIELDS)
                 rows = pipe.execute()
             for row in rows:
@@ -135,19 +110,9 @@ class DeadLetters:
     def count(self) -> int:
         return int(self.redis.zcard(keys.DLQ_INDEX))
 
-    def replay(self, event_id: str) -> bool:
-        """Put one dead letter back through the pipeline from its raw event."""
-        now = time.time()
-        return bool(self._replay(
-            keys=[keys.dlq_key(event_id), keys.DLQ_INDEX, keys.event_key(event_id),
-                  keys.timeline_key(event_id), keys.PENDING, QUEUE_EVENTS],
-            args=[event_id, process_event_message(event_id), repr(now), self.retention,
-                  timeline_entry("replayed")],
-        ))
-
     def delete(self, event_id: str) -> bool:
         with self.redis.pipeline() as pipe:
-            pipe.delete(keys.dlq_key(event_id))
+            pipe.delete(keys.dead_letter(event_id))
             pipe.zrem(keys.DLQ_INDEX, event_id)
             deleted, _ = pipe.execute()
         return bool(deleted)

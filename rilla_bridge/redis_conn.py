@@ -1,21 +1,6 @@
-"""Redis clients and the one layout of our keys.
+"""Redis clients: one place that turns ``REDIS_URL`` into connections, and the no-eviction check.
 
-Everything lives in the database of ``REDIS_URL``; Celery's kombu keys (``events``,
-``callrail``, ``unacked*``, ``_kombu.*``) sit beside ours, and ours all start with ``rb:``:
-
-- ``rb:ev:{id}``           hash: one received event (raw body until retention ends, status)
-- ``rb:ev:{id}:tl``        list: the event's timeline, JSON entries, same retention
-- ``rb:dedup:{src}:{tenant}:{kind}:{sha256}``  our event id for a body seen recently
-- ``rb:pending``           zset: events not finished yet, scored by when they were (re)queued
-- ``rb:retry``             zset: events waiting for a retry, scored by when it is due
-- ``rb:call:{tenant}:{src}:{call}``  hash: per-call merged state (snapshots, last delivery)
-- ``rb:lock:call:{tenant}:{src}:{call}``  string: who delivers that call right now
-- ``rb:inflight:{tenant}`` zset: a tenant's deliveries in flight (cap per tenant)
-- ``rb:capwait:{tenant}`` zset (+ ``:msg`` hash): events waiting for a slot under that cap
-- ``rb:dlq:{id}`` / ``rb:dlq``   hash per dead letter / zset index by failure time
-- ``rb:stats``             hash: counters the web /metrics endpoint exports
-- ``rb:cr:*``              CallRail quota guard (see rilla_bridge.callrail.quota)
-- ``rb:sched:*``           scheduler locks
+The keys themselves are named in ``rilla_bridge.keys``.
 """
 
 from __future__ import annotations
@@ -31,47 +16,6 @@ import redis
 from rilla_bridge.settings import Settings
 
 log = logging.getLogger(__name__)
-
-PENDING = "rb:pending"
-RETRY = "rb:retry"
-DLQ_INDEX = "rb:dlq"
-STATS = "rb:stats"
-
-
-def event_key(event_id: str) -> str:
-    return f"rb:ev:{event_id}"
-
-
-def timeline_key(event_id: str) -> str:
-    return f"rb:ev:{event_id}:tl"
-
-
-def dedup_key(source: str, tenant: str, kind: str, digest: str) -> str:
-    return f"rb:dedup:{source}:{tenant}:{kind}:{digest}"
-
-
-def call_key(tenant: str, source: str, call_id: str) -> str:
-    return f"rb:call:{tenant}:{source}:{call_id}"
-
-
-def call_lock_key(tenant: str, source: str, call_id: str) -> str:
-    return f"rb:lock:call:{tenant}:{source}:{call_id}"
-
-
-def inflight_key(tenant: str) -> str:
-    return f"rb:inflight:{tenant}"
-
-
-def cap_wait_key(tenant: str) -> str:
-    return f"rb:capwait:{tenant}"
-
-
-def cap_wait_messages_key(tenant: str) -> str:
-    return f"rb:capwait:{tenant}:msg"
-
-
-def dlq_key(event_id: str) -> str:
-    return f"rb:dlq:{event_id}"
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:

@@ -1,6 +1,10 @@
-"""Every environment variable rilla-bridge reads, in one place, one line each.
+"""Every environment variable of rilla-bridge's own, in one place, one line each.
 
-Other modules receive a ``Settings`` object; nothing else calls ``os.environ``.
+Other modules receive a ``Settings`` object. The only other reads of the environment are the
+variables that belong to a library's own convention and are read where that library expects
+them: ``PROMETHEUS_MULTIPROC_DIR`` (the web server's config), ``REQUESTS_CA_BUNDLE`` /
+``CURL_CA_BUNDLE`` and the proxy variables (``rilla_bridge.http``), and the ``${NAME}``
+references of the tenants file (``rilla_bridge.tenants``).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class Settings:
     dedup_window_seconds: int = 86400
     event_retention_seconds: int = 7 * 86400
     max_body_bytes: int = 1024 * 1024
-    environment: str = "production"
+    environment: str = "production"   # Sentry's environment tag
     # Celery/kombu: a message not acked this long after a worker took it is handed out again.
     visibility_timeout_seconds: int = 60
     # Events still pending this long (nothing finished them) are enqueued again by the scheduler.
@@ -68,7 +72,12 @@ class Settings:
     rilla_read_timeout: float = 20.0
     # At most this many deliveries of one tenant in flight at once, across all workers.
     tenant_max_inflight: int = 128
-    callrail_hour_seconds: int = 3600      # quota window lengths; tests shrink them
+    # CallRail API timeouts (seconds): one request per quota token, so a hung one is a retry.
+    callrail_connect_timeout: float = 3.05
+    callrail_read_timeout: float = 20.0
+    # Quota window lengths. CallRail's are an hour and a day; integration tests and the quota
+    # benchmark shrink them to see windows roll in seconds. Never change them in production.
+    callrail_hour_seconds: int = 3600
     callrail_day_seconds: int = 86400
     callrail_pause_base_seconds: float = 60.0
     reconcile_budget_share: float = 0.2
@@ -111,6 +120,9 @@ class Settings:
             rilla_connect_timeout=_float(e, "RILLA_CONNECT_TIMEOUT", cls.rilla_connect_timeout),
             rilla_read_timeout=_float(e, "RILLA_READ_TIMEOUT", cls.rilla_read_timeout),
             tenant_max_inflight=_int(e, "TENANT_MAX_INFLIGHT", cls.tenant_max_inflight),
+            callrail_connect_timeout=_float(
+                e, "CALLRAIL_CONNECT_TIMEOUT", cls.callrail_connect_timeout),
+            callrail_read_timeout=_float(e, "CALLRAIL_READ_TIMEOUT", cls.callrail_read_timeout),
             callrail_hour_seconds=_int(e, "CALLRAIL_HOUR_SECONDS", cls.callrail_hour_seconds),
             callrail_day_seconds=_int(e, "CALLRAIL_DAY_SECONDS", cls.callrail_day_seconds),
             callrail_pause_base_seconds=_float(

@@ -6,6 +6,7 @@ import fakeredis
 import pytest
 import redis
 
+from rilla_bridge.clock import FakeClock
 from tests.support import RedisServer, shared_redis_url
 
 
@@ -40,3 +41,9 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer.temporary(appendonly=True)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The time of a unit test: it moves only when the test says ``clock.advance(s)``."""
+    return FakeClock()

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from app.verify import callrail_signature
+from rilla_bridge.providers.callrail import signature as callrail_signature
 from tests.support import free_port, port_open, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,12 +111,12 @@ class System:
     def start_rilla_sandbox(self, *orgs: str, latency_ms: int = 0) -> None:
         org_args = [a for o in (orgs or ("acme-rilla-key-000001", "beta-rilla-key-000002"))
                     for a in ("--org", o)]
-        self._spawn("rilla", [sys.executable, "-m", "rilla_bridge.sandbox.rilla", "--port",
+        self._spawn("rilla", [sys.executable, "-m", "sandbox.rilla", "--port",
                               str(self.rilla_port), "--latency-ms", str(latency_ms), *org_args])
         wait_for(lambda: port_open(self.rilla_port), what="rilla sandbox")
 
     def start_callrail_sandbox(self, *args: str) -> None:
-        self._spawn("callrail_sbx", [sys.executable, "-m", "rilla_bridge.callrail.sandbox",
+        self._spawn("callrail_sbx", [sys.executable, "-m", "sandbox.callrail",
                                      "--port", str(self.callrail_port), *args])
         wait_for(lambda: port_open(self.callrail_port), what="callrail sandbox")
 

@@ -17,9 +17,9 @@ from celery import Celery, signals
 from kombu.entity import Queue
 from kombu.transport import redis as kombu_redis
 
+from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
 from rilla_bridge.observability import setup_logging
 from rilla_bridge.settings import Settings
-from rilla_bridge.taskqueue import QUEUE_CALLRAIL, QUEUE_EVENTS
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 

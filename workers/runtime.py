@@ -1,44 +1,97 @@
-"""One Runtime per worker process, built lazily after fork (Redis pool, HTTP session)."""
+"""The worker runtime: every service a task needs, as typed fields, built in one place.
+
+``build_runtime`` assembles a Runtime from settings and whatever a caller already has (tests
+pass a fakeredis client, a FakeClock, tenants and a fake Rilla); ``runtime()`` is the one
+per worker process, built lazily after fork with the process's logging and Sentry.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
+import redis
+
+from rilla_bridge.calls import CallState
+from rilla_bridge.clients.callrail import CallRailClient
+from rilla_bridge.clients.rilla import RillaAPI, RillaClient
+from rilla_bridge.clock import Clock, SystemClock
+from rilla_bridge.events import EventStore
+from rilla_bridge.lifecycle import Lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
+from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.redis_conn import make_redis, warn_unless_noeviction
-from rilla_bridge.rilla import RillaClient
+from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
-from rilla_bridge.tenants import load_tenants
-from workers.pipeline import Runtime
+from rilla_bridge.tenants import Tenant, load_tenants
+from workers.recordings import RecordingService
 
 log = logging.getLogger("rilla_bridge.worker")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Per-process handles the tasks share (one Redis pool, one HTTP session per API)."""
+
+    settings: Settings
+    clock: Clock
+    redis: redis.Redis
+    scripts: Scripts
+    tenants: dict[str, Tenant]
+    lifecycle: Lifecycle
+    store: EventStore
+    calls: CallState
+    rilla: RillaAPI
+    callrail: CallRailClient
+    guard: QuotaGuard
+    recordings: RecordingService
+
+
+def build_runtime(settings: Settings, *, client: redis.Redis, tenants: dict[str, Tenant],
+                  clock: Clock | None = None, rilla: RillaAPI | None = None,
+                  callrail: CallRailClient | None = None) -> Runtime:
+    """A Runtime over ``client``; the API clients default to the settings' base URLs."""
+    clock = clock or SystemClock()
+    scripts = Scripts(client)
+    lifecycle = Lifecycle(client, scripts, clock, settings)
+    store = EventStore(client)
+    calls = CallState(client, scripts, clock, settings.event_retention_seconds)
+    guard = QuotaGuard.from_settings(settings, client, scripts, clock)
+    return Runtime(
+        settings=settings, clock=clock, redis=client, scripts=scripts, tenants=tenants,
+        lifecycle=lifecycle,
+        store=store, calls=calls,
+        rilla=rilla or RillaClient(settings.rilla_base_url,
+                                   connect_timeout=settings.rilla_connect_timeout,
+                                   read_timeout=settings.rilla_read_timeout),
+        callrail=callrail or CallRailClient(settings.callrail_base_url,
+                                            connect_timeout=settings.callrail_connect_timeout,
+                                            read_timeout=settings.callrail_read_timeout),
+        guard=guard, recordings=RecordingService(guard, calls, store, lifecycle))
+
+
 _runtime: tuple[int, Runtime] | None = None
 _lock = threading.Lock()  # gevent patches it: the first tasks of a worker build one Runtime
 
 
-def build_runtime(settings: Settings | None = None) -> Runtime:
-    settings = settings or Settings.from_env()
+def _process_runtime() -> Runtime:
+    settings = Settings.from_env()
     setup_logging()
     tenants = load_tenants(settings.tenants_file)
     register_secrets(s for t in tenants.values() for s in t.secrets())
     init_sentry(settings.sentry_dsn, environment=settings.environment, component="worker")
     client = make_redis(settings, max_connections=512)
     warn_unless_noeviction(client, log)
-    rilla = RillaClient(settings.rilla_base_url, connect_timeout=settings.rilla_connect_timeout,
-                        read_timeout=settings.rilla_read_timeout)
-    rt = Runtime(settings=settings, redis=client, tenants=tenants, rilla=rilla)
-    from workers import callrail_jobs
-
-    callrail_jobs.attach(rt)
-    return rt
+    return build_runtime(settings, client=client, tenants=tenants)
 
 
 def runtime() -> Runtime:
+    """This process's Runtime (built on first use, and again after a fork)."""
     global _runtime
     if _runtime is None or _runtime[0] != os.getpid():
         with _lock:
             if _runtime is None or _runtime[0] != os.getpid():
-                _runtime = (os.getpid(), build_runtime())
+                _runtime = (os.getpid(), _process_runtime())
     return _runtime[1]

@@ -1,6 +1,6 @@
 """The scheduler process (Procfile ``scheduler``): periodic work, safe to run several copies.
 
-Each job takes a short Redis lock per tick so one copy runs it; the moves themselves are
+Each job takes a short Redis lease per tick so one copy runs it; the moves themselves are
 atomic Lua scripts, so even two copies running a tick at once queue each event only once.
 
 - due retries: events whose retry time has come go back on the ``events`` queue;
@@ -12,17 +12,19 @@ atomic Lua scripts, so even two copies running a tick at once queue each event o
 from __future__ import annotations
 
 import logging
+import os
 import signal
-import time
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
 import redis
 
-from rilla_bridge import redis_conn as keys
-from rilla_bridge.taskqueue import QUEUE_EVENTS, queued_at
-from workers.pipeline import Runtime
+from rilla_bridge import keys, leases
+from rilla_bridge.celery_messages import QUEUE_EVENTS, queued_at
+from workers import callrail_jobs
+from workers.runtime import Runtime
 
 log = logging.getLogger("rilla_bridge.scheduler")
 
@@ -36,42 +38,42 @@ class Job:
 
 
 def move_due_retries(rt: Runtime) -> int:
-    return rt.calls.requeue_due(keys.RETRY, time.time())
+    return rt.lifecycle.requeue_due(keys.RETRY, rt.clock.now())
 
 
 def sweep_lost(rt: Runtime) -> int:
     """Re-queue pending events that no queue message and no worker holds any more."""
-    threshold = time.time() - rt.settings.stale_pending_seconds
+    threshold = rt.clock.now() - rt.settings.stale_pending_seconds
     oldest = rt.redis.lindex(QUEUE_EVENTS, -1)
     if oldest is not None:
         at = queued_at(oldest)
         # Events behind a backlog are still queued; only those older than it can be lost.
         threshold = min(threshold, (at if at is not None else 0) - 1)
-    moved = rt.calls.requeue_due(keys.PENDING, threshold)
+    moved = rt.lifecycle.requeue_due(keys.PENDING, threshold)
     if moved:
         log.warning("re-queued lost events", extra={"count": moved})
     return moved
 
 
 def default_jobs() -> list[Job]:
-    from workers import callrail_jobs
-
     return [
         Job("retries", 0.5, move_due_retries),
         Job("sweep", 10.0, sweep_lost),
-        *[Job(name, every, fn) for name, every, fn in callrail_jobs.scheduled_jobs()],
+        Job("callrail_dispatch", callrail_jobs.DISPATCH_EVERY, callrail_jobs.dispatch),
+        Job("reconcile", 5.0, callrail_jobs.reconcile),
     ]
 
 
 def tick(rt: Runtime, jobs: list[Job], node: str) -> None:
-    now = time.monotonic()
+    """Run every job whose time has come, each in the copy that takes its lease."""
+    now = rt.clock.now()
     for job in jobs:
         if now < job.next_at:
             continue
         job.next_at = now + job.every
-        lock = f"rb:sched:{job.name}"
         try:
-            if not rt.redis.set(lock, node, nx=True, px=max(100, int(job.every * 900))):
+            if not leases.take(rt.scripts, rt.clock, keys.scheduler_job(job.name), node,
+                               job.every * 0.9):
                 continue
             job.run(rt)
         except redis.RedisError as exc:
@@ -81,9 +83,7 @@ def tick(rt: Runtime, jobs: list[Job], node: str) -> None:
 
 
 def run_forever(rt: Runtime, jobs: list[Job] | None = None, interval: float = 0.1) -> None:
-    import os
-    import socket
-
+    """The scheduler process's loop, until SIGTERM or SIGINT."""
     jobs = jobs or default_jobs()
     node = f"{socket.gethostname()}:{os.getpid()}"
     stopping = False
@@ -97,5 +97,5 @@ def run_forever(rt: Runtime, jobs: list[Job] | None = None, interval: float = 0.
     log.info("scheduler started", extra={"jobs": [j.name for j in jobs]})
     while not stopping:
         tick(rt, jobs, node)
-        time.sleep(interval)
+        rt.clock.sleep(interval)
     log.info("scheduler stopped")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from workers import callrail_jobs, pipeline
 from workers.celery_app import app
 from workers.runtime import runtime
-
-log = logging.getLogger("rilla_bridge.worker")
 
 
 @app.task(name="rilla_bridge.process_event", acks_late=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from marshmallow import ValidationError, validate
 
+from rilla_bridge.providers import PROVIDERS, callrail
 from rilla_bridge.tenants import Tenant
 from rilla_bridge.transform.appointment import validate_appointment
 from rilla_bridge.transform.fields import add_seconds
@@ -23,14 +22,7 @@ from rilla_bridge.transform.model import (
 
 Action = Upsert | Delete | Skip | NeedsRecording
 
-_API_RECORDING_RE = re.compile(r"^/v3/a/([^/]+)/calls/([^/]+)/recording\.json$")
 _EMAIL = validate.Email()
-_CUSTOM_KEYS: dict[str, tuple[str, ...]] = {
-    "callrail": ("direction", "duration", "tracking_number", "tags", "campaign", "value",
-                 "answered"),
-    "callingly": ("team", "direction", "status", "result", "tags"),
-}
-_LABEL = {"callrail": "CallRail", "callingly": "Callingly"}
 
 
 def _text(merged: Mapping[str, Any], key: str) -> str | None:
@@ -43,16 +35,6 @@ def _count(merged: Mapping[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def api_recording(url: str) -> tuple[str, str] | None:
-    """(account_id, call_id) when ``url`` is a CallRail API ``recording.json`` URL (any host)."""
-    try:
-        path = urlsplit(url).path
-    except ValueError:
-        return None
-    match = _API_RECORDING_RE.match(path)
-    return (match.group(1), match.group(2)) if match else None
-
-
 def build_action(source: str, call_id: str, merged: dict[str, Any], tenant: Tenant,
                  resolved_recordings: Mapping[str, str]) -> Action:
     """Decide what Rilla should get for one call, from its merged fields.
@@ -61,9 +43,10 @@ def build_action(source: str, call_id: str, merged: dict[str, Any], tenant: Tena
     its data is judged (unanswered calls have no agent and are not errors); the payload is
     checked before a recording lookup spends CallRail quota.
     """
-    if source not in _LABEL:
+    provider = PROVIDERS.get(source)
+    if provider is None:
         raise TransformError(f"unknown source {source!r}")
-    label = _LABEL[source]
+    label: str = provider.LABEL
     event_id = event_id_for(source, call_id)
     if source == "callrail" and merged.get("spam") is True:
         return Delete(event_id)
@@ -74,7 +57,7 @@ def build_action(source: str, call_id: str, merged: dict[str, Any], tenant: Tena
 
     payload = _payload(source, label, event_id, merged, tenant)
     if recording is not None:
-        api = api_recording(recording) if source == "callrail" else None
+        api = callrail.recording_api_call(recording) if source == callrail.NAME else None
         if api is not None:
             if recording not in resolved_recordings:
                 return NeedsRecording(api_url=recording, account_id=api[0], call_id=api[1])
@@ -169,7 +152,7 @@ def _valid_email(value: str) -> bool:
 
 
 def _custom_fields(source: str, merged: Mapping[str, Any]) -> dict[str, Any]:
-    keys = _CUSTOM_KEYS[source]
+    keys: tuple[str, ...] = PROVIDERS[source].CUSTOM_FIELDS
     out: dict[str, Any] = {}
     for key in keys:
         value = merged.get(key)

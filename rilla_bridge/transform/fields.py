@@ -102,6 +102,16 @@ def clean_id(value: Any) -> str | None:
     return text
 
 
+def raw_call_id(value: Any) -> str | None:
+    """A provider's call id as text for our records (intake's own, before any schema)."""
+    if isinstance(value, bool) or value in (None, ""):
+        return None
+    if isinstance(value, int | str):
+        # JSON may escape lone surrogates ("\ud800"): valid JSON, but not UTF-8 for Redis.
+        return str(value)[:100].encode("utf-8", "replace").decode("utf-8")
+    return None
+
+
 def to_utc(value: str) -> str | None:
     """An ISO 8601 time *with an offset* as Rilla's UTC ``YYYY-MM-DD HH:MM:SS``, else None.
 

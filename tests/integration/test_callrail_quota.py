@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import redis
 
-from rilla_bridge.callrail.client import CallRailClient
-from rilla_bridge.callrail.quota import QuotaGuard
-from rilla_bridge.callrail.sandbox import make_call
+from rilla_bridge.clients.callrail import CallRailClient
+from rilla_bridge.clock import SystemClock
+from rilla_bridge.quota import QuotaGuard
+from rilla_bridge.scripts import Scripts
+from sandbox.callrail import make_call
 from tests.unit.callrail.helpers import control, sandbox_process
 
 pytestmark = pytest.mark.integration
@@ -31,7 +33,8 @@ def guard_for(redis_url: str, **kw: Any) -> QuotaGuard:
     opts: dict[str, Any] = {"hourly_limit": HOURLY, "daily_limit": DAILY,
                             "hour_seconds": HOUR_S, "day_seconds": DAY_S}
     opts.update(kw)
-    return QuotaGuard(redis.Redis.from_url(redis_url), **opts)
+    client = redis.Redis.from_url(redis_url)
+    return QuotaGuard(client, Scripts(client), SystemClock(), **opts)
 
 
 def worker(redis_url: str, base: str, account: str, guard_kw: dict[str, Any],

@@ -21,9 +21,11 @@ import pytest
 import redis
 import requests
 
-from rilla_bridge.callrail.quota import QuotaGuard
-from rilla_bridge.callrail.sandbox import make_call
-from rilla_bridge.redis_conn import event_key, timeline_key
+from rilla_bridge import keys
+from rilla_bridge.clock import SystemClock
+from rilla_bridge.quota import QuotaGuard
+from rilla_bridge.scripts import Scripts
+from sandbox.callrail import make_call
 from tests.system import BIN, System
 
 pytestmark = pytest.mark.integration
@@ -49,7 +51,7 @@ def guard(client: redis.Redis, **kw: Any) -> QuotaGuard:
                             "shares": {"backfill": 0.5, "reconcile": 0.2},
                             "pause_base_seconds": 1.0}
     opts.update(kw)
-    return QuotaGuard(client, **opts)
+    return QuotaGuard(client, Scripts(client), SystemClock(), **opts)
 
 
 def cr(s: System, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -276,16 +278,16 @@ def test_an_api_recording_url_is_resolved_before_delivery_and_without_api_key_de
     wait(lambda: eid in appointments(s), 15, "the call to be delivered")
     assert appointments(s)[eid]["media_url"] == call["recording_redirect"]
     assert cr_account(s)["requests"] - before == 1  # one recording.json lookup, nothing else
-    key = event_key(r.json()["id"])
+    key = keys.event(r.json()["id"])
     wait(lambda: client.hget(key, "status") == b"delivered", 5, "the event's status")
-    timeline = [json.loads(e)["what"] for e in client.lrange(timeline_key(r.json()["id"]), 0, -1)]
+    timeline = [json.loads(e)["what"] for e in client.lrange(keys.timeline(r.json()["id"]), 0, -1)]
     assert "waiting_recording" in timeline and timeline[-1] == "delivered", timeline
 
     other = make_call()
     api_url = f"{s.callrail}/v3/a/222222222/calls/{other['id']}/recording.json"
     r = s.post_callrail("beta", webhook(other, api_url), event="post_call")
     assert r.status_code in (200, 202), r.text
-    key = event_key(r.json()["id"])
+    key = keys.event(r.json()["id"])
     wait(lambda: client.hget(key, "status") == b"dead", 15, "the dead letter")
     reason = _hash(client, key)[b"reason"].decode()
     assert "recording.json" in reason and "'beta'" in reason and "api_key" in reason, reason

@@ -107,7 +107,7 @@ def systems(own_redis: RedisServer) -> Iterator[Callable[..., System]]:
 
 @pytest.fixture
 def store(own_redis: RedisServer) -> EventStore:
-    return EventStore(redis.Redis.from_url(own_redis.url), dedup_window=60, retention=3600)
+    return EventStore(redis.Redis.from_url(own_redis.url))
 
 
 def _everything(sys_: System, orgs: tuple[str, ...] = (), latency_ms: int = 0,

@@ -16,9 +16,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.verify import callrail_signature
+from rilla_bridge.clock import SystemClock
 from rilla_bridge.events import EventStore
+from rilla_bridge.lifecycle import Lifecycle
+from rilla_bridge.providers.callrail import signature as callrail_signature
 from rilla_bridge.redis_conn import make_redis, single_connection
+from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
 from tests.support import RedisServer, wait_for
 from tests.system import BIN, System
@@ -308,14 +311,15 @@ def test_store_on_a_single_connection_survives_a_redis_restart(own_redis: RedisS
     before use nor retries: the first store after a Redis restart must still succeed."""
     settings = Settings(redis_url=own_redis.url)
     client = make_redis(settings)
-    store = EventStore(client, dedup_window=60, retention=600,
-                       intake_client=single_connection(settings))
+    lifecycle = Lifecycle(client, Scripts(client), SystemClock(), settings,
+                          intake_client=single_connection(settings))
+    store = EventStore(client)
     try:
-        first = store.intake(source="callrail", tenant="acme", kind="post_call",
+        first = lifecycle.receive(source="callrail", tenant="acme", kind="post_call",
                              body=b'{"resource_id": "CAL1"}', call_id="CAL1")
         own_redis.stop()
         own_redis.start()
-        second = store.intake(source="callrail", tenant="acme", kind="post_call",
+        second = lifecycle.receive(source="callrail", tenant="acme", kind="post_call",
                               body=b'{"resource_id": "CAL2"}', call_id="CAL2")
         assert not second.duplicate
         assert store.get(second.event_id) is not None

@@ -1,4 +1,4 @@
-"""The sandbox as a process (``python -m rilla_bridge.sandbox.rilla``) and the client."""
+"""The sandbox as a process (``python -m sandbox.rilla``) and the client."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from rilla_bridge.rilla import RillaClient
+from rilla_bridge.clients.rilla import RillaClient
 from tests.support import free_port, port_open, wait_for
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ FULL = {
 def sandbox_url() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rilla_bridge.sandbox.rilla", "--port", str(port),
+        [sys.executable, "-m", "sandbox.rilla", "--port", str(port),
          "--org", f"{KEY}={REP}", "--org", "open-org-key-1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -17,10 +17,10 @@ from tests.support import free_port, port_open, wait_for
 def sandbox_process(*, hourly_limit: int = 1000, daily_limit: int = 10000,
                     hour_seconds: float = 3600, day_seconds: float = 86400,
                     extra: tuple[str, ...] = ()) -> Iterator[str]:
-    """Run ``python -m rilla_bridge.callrail.sandbox`` on a free port; yields its base URL."""
+    """Run ``python -m sandbox.callrail`` on a free port; yields its base URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rilla_bridge.callrail.sandbox", "--host", "127.0.0.1",
+        [sys.executable, "-m", "sandbox.callrail", "--host", "127.0.0.1",
          "--port", str(port), "--hourly-limit", str(hourly_limit),
          "--daily-limit", str(daily_limit), "--hour-seconds", str(hour_seconds),
          "--day-seconds", str(day_seconds), *extra],

@@ -4,9 +4,9 @@ CallRail allows each account 1,000 requests an hour and 10,000 a day, shared by 
 integration and every one of our processes, and answers 429 on every endpoint once over
 (no Retry-After). Celery's ``rate_limit`` is per worker, so the budget lives here instead:
 work that needs a CallRail request is *submitted* to a durable per-account, per-lane list, and
-a worker *takes* jobs only when the budget allows. Each take is one Lua script (``quota.lua``),
-so the check and the spend are atomic across processes; the script reads Redis ``TIME`` so
-every process agrees on the clock.
+a worker *takes* jobs only when the budget allows. Each take is one Lua script
+(``lua/quota.lua``), so the check and the spend are atomic across processes; "now" comes from
+the caller's clock (``rilla_bridge.clock``), and the margin covers the processes' disagreement.
 
 Windows are rolling (a grant counts for one window after it was made, plus a margin), which is
 conservative whether CallRail counts clock hours or rolling hours. Grants are counted in
@@ -48,16 +48,19 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import redis
+
+from rilla_bridge import keys
+from rilla_bridge.clock import Clock
+from rilla_bridge.scripts import Scripts
+from rilla_bridge.settings import Settings
 
 LANES: tuple[str, ...] = ("live", "backfill", "reconcile")
 DEFAULT_SHARES: Mapping[str, float] = {"live": 1.0, "backfill": 0.5, "reconcile": 0.2}
 HOUR_BUCKETS = 360  # finer buckets waste less budget; the hash stays small either way
 DAY_BUCKETS = 288
-_SCRIPT = (Path(__file__).with_name("quota.lua")).read_text(encoding="utf-8")
 
 
 class QuotaGuard:
@@ -66,6 +69,8 @@ class QuotaGuard:
     def __init__(
         self,
         redis: redis.Redis,
+        scripts: Scripts,
+        clock: Clock,
         *,
         hourly_limit: int,
         daily_limit: int,
@@ -74,7 +79,7 @@ class QuotaGuard:
         shares: Mapping[str, float] | None = None,
         pause_base_seconds: float = 60.0,
         pause_max_seconds: float = 3600.0,
-        prefix: str = "rb:cr",
+        prefix: str = keys.QUOTA_PREFIX,
         margin_seconds: float | None = None,
     ) -> None:
         """Configure the guard; ``margin_seconds`` defaults to 2% of the hour, at most 30 s."""
@@ -99,7 +104,21 @@ class QuotaGuard:
         self.margin_seconds = (
             min(30.0, 0.02 * self.hour_seconds) if margin_seconds is None else margin_seconds
         )
-        self._script = redis.register_script(_SCRIPT)
+        self._script = scripts.quota
+        self.clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis, scripts: Scripts,
+                      clock: Clock) -> QuotaGuard:
+        """The guard every process builds from the same settings (limits, windows, shares)."""
+        return cls(
+            client, scripts, clock, hourly_limit=settings.callrail_hourly_limit,
+            daily_limit=settings.callrail_daily_limit,
+            hour_seconds=settings.callrail_hour_seconds,
+            day_seconds=settings.callrail_day_seconds,
+            shares={"live": 1.0, "backfill": settings.backfill_budget_share,
+                    "reconcile": settings.reconcile_budget_share},
+            pause_base_seconds=settings.callrail_pause_base_seconds)
 
     # -- keys ------------------------------------------------------------------
     def _k(self, account: str, suffix: str) -> str:
@@ -122,7 +141,7 @@ class QuotaGuard:
             op, account, len(LANES), self.hourly_limit, self.daily_limit,
             repr(self.hour_seconds), repr(self.day_seconds), repr(self.margin_seconds),
             repr(self.hour_seconds / HOUR_BUCKETS), repr(self.day_seconds / DAY_BUCKETS),
-            *(repr(self.shares[lane]) for lane in LANES), *extra,
+            repr(self.clock.now()), *(repr(self.shares[lane]) for lane in LANES), *extra,
         ]
         return self._script(keys=self._keys(account), args=args)
 
@@ -133,7 +152,7 @@ class QuotaGuard:
         if lane not in LANES:
             raise ValueError(f"unknown lane {lane!r}")
         body = json.dumps(dict(job), separators=(",", ":"))
-        now = float(self.redis.time()[0])
+        now = self.clock.now()
         pipe = self.redis.pipeline(transaction=True)
         key = self._k(account, f"q:{lane}")
         if front:
@@ -191,11 +210,8 @@ class QuotaGuard:
         restarting) could share a CallRail window with grants made after it was freed. A pause
         set after the grant (another process saw a 429) also stops it.
         """
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.get(self._k(account, "paused_until"))
-            (sec, usec), paused = pipe.execute()
-        now = sec + usec / 1e6
+        paused = self.redis.get(self._k(account, "paused_until"))
+        now = self.clock.now()
         if paused is not None and float(_s(paused)) > now:
             return "account paused after a 429"
         if now - granted_at > self.margin_seconds:
@@ -240,7 +256,7 @@ class QuotaGuard:
     def accounts_known(self) -> list[str]:
         """Accounts with usage in the last day or waiting work (for ``rilla-bridge quota``)."""
         key = f"{self.prefix}:known"
-        now = float(self.redis.time()[0])
+        now = self.clock.now()
         self.redis.zremrangebyscore(key, "-inf", now - self.day_seconds - self.margin_seconds)
         known = {_s(m) for m in self.redis.zrange(key, 0, -1)}
         return sorted(known | set(self.accounts_waiting()))

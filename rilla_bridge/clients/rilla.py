@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import requests
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 BODY_LIMIT = 2000
 RETRYABLE_4XX = frozenset({408, 425, 429})
 APPOINTMENT_PATH = "/custom/appointment"
-MATCH_PATH = "/custom/appointment/match"
 
 Kind = Literal["ok", "permanent", "retryable"]
 
@@ -61,10 +60,14 @@ class RillaResult:
     retry_after: float | None = None
     error: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        """True when Rilla accepted the request."""
-        return self.kind == "ok"
+
+class RillaAPI(Protocol):
+    """What the pipeline needs of Rilla: ``RillaClient``, or a test's fake of it (one test
+    runs the client's contract against both the fake and the sandbox)."""
+
+    def upsert(self, api_key: str, payload: Mapping[str, Any]) -> RillaResult: ...
+
+    def delete(self, api_key: str, event_id: str) -> RillaResult: ...
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -153,11 +156,6 @@ class RillaClient:
         if result.status == 404:
             return RillaResult("ok", 404, result.body)
         return result
-
-    def match(self, api_key: str, event_id: str, conversation_id: str) -> RillaResult:
-        """Link an existing conversation to an event (POST /custom/appointment/match)."""
-        payload = {"event_id": event_id, "conversation_id": conversation_id}
-        return self._send("POST", MATCH_PATH, api_key, payload)
 
     def close(self) -> None:
         """Close this process's session and its pooled connections."""

@@ -1,7 +1,14 @@
-"""Callingly ``call_completed`` bodies as normalized snapshot fields."""
+"""Everything about Callingly's webhooks: the token check, the event kinds and their ranks, how a
+kind is told from a body, the call id and the ``call_completed`` schema.
+
+Callingly does not sign its webhooks; the URL carries ``?token=``, compared in constant time.
+Lead events (``lead_created``, ``lead_updated``) carry account secrets (2FA secrets, API keys):
+their bodies are never stored.
+"""
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, post_load
@@ -9,6 +16,39 @@ from marshmallow import EXCLUDE, Schema, ValidationError, post_load
 from rilla_bridge.transform import fields as f
 from rilla_bridge.transform.model import Skip, Snapshot, TransformError
 
+NAME = "callingly"
+LABEL = "Callingly"
+
+KINDS = frozenset({"call_completed", "lead_created", "lead_updated"})
+UNKEPT_KINDS = frozenset({"lead_created", "lead_updated"})
+
+
+def token_ok(expected: str, given: str | None) -> bool:
+    """Whether ``?token=`` equals the tenant's webhook token (constant time)."""
+    if not given:
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+
+
+def detect_kind(body: dict[str, Any]) -> str:
+    """Lead updates name the field; a call has a lead object, seconds or a recording."""
+    if "updatedField" in body or "updatedValue" in body:
+        return "lead_updated"
+    if isinstance(body.get("lead"), dict) or "seconds" in body or "recording_url" in body:
+        return "call_completed"
+    if "fname" in body or "lname" in body:
+        return "lead_created"
+    return "call_completed"
+
+
+def call_id(kind: str, body: dict[str, Any]) -> str | None:
+    """Callingly's id of the call, for ``call_completed`` only (leads are not calls)."""
+    return f.raw_call_id(body.get("id")) if kind == "call_completed" else None
+
+
+# -- the call_completed schema --------------------------------------------------------------
+# What goes into the appointment's custom_fields, from the merged call fields (SPEC mapping).
+CUSTOM_FIELDS = ("team", "direction", "status", "result", "tags")
 RANKS: dict[str, int] = {"call_completed": 2}
 SKIP_KINDS: dict[str, str] = {
     "lead_created": "Callingly lead_created: a lead event, not a call",

@@ -12,7 +12,7 @@ from typing import Any
 
 import requests
 
-from app.verify import callrail_signature
+from rilla_bridge.providers.callrail import signature as callrail_signature
 
 SAMPLE_CALLRAIL: dict[str, Any] = {
     "answered": True, "call_type": "inbound", "company_id": 512734908,
@@ -69,7 +69,7 @@ def send_samples(base: str, sandbox: str, env: dict[str, str],
     for r in (r1, r2):
         if r.ok:
             eid = r.json()["id"]
-            out = subprocess.run([sys.executable, "-m", "rilla_bridge", "events", "show", eid],
+            out = subprocess.run([sys.executable, "-m", "ops", "events", "show", eid],
                                  env=env, capture_output=True, text=True, check=False)
             say("rilla-bridge events show " + eid + "\n" + out.stdout + out.stderr)
     appts = requests.get(f"{sandbox}/_sandbox/appointments", timeout=5).json()

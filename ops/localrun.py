@@ -138,9 +138,9 @@ def run_local() -> None:
 
     exe = shlex.quote(sys.executable)
     commands = [
-        ("rilla-sbx", f"{exe} -m rilla_bridge.sandbox.rilla --port {RILLA_PORT} "
+        ("rilla-sbx", f"{exe} -m sandbox.rilla --port {RILLA_PORT} "
                       f"--org {env.get('DEMO_RILLA_KEY', 'demo-rilla-key-0001')}"),
-        ("callrail-sbx", f"{exe} -m rilla_bridge.callrail.sandbox --port {CALLRAIL_PORT} "
+        ("callrail-sbx", f"{exe} -m sandbox.callrail --port {CALLRAIL_PORT} "
                          f"--account {DEMO_CALLRAIL_ACCOUNT}:"
                          f"{env.get('DEMO_CALLRAIL_API_KEY', 'demo-callrail-api-key-0001')}"),
         *procfile_commands(HERE / "Procfile"),
@@ -151,7 +151,7 @@ def run_local() -> None:
     try:
         base = f"http://127.0.0.1:{env['PORT']}"
         if "TENANTS_FILE" not in os.environ:
-            from rilla_bridge.demo import send_samples
+            from ops.demo import send_samples
 
             send_samples(base, f"http://127.0.0.1:{RILLA_PORT}", env, say=_say)
         _say(f"running; webhooks at {base}/webhooks/callrail/<tenant> and "

@@ -7,7 +7,7 @@ clock-hour windows either. Requests answered 429 or 401 do not count against the
 
 Control API (no auth): ``POST /_sandbox/accounts/<id>`` ``{"api_key", "calls": [...]}``,
 ``POST /_sandbox/force_429`` ``{"account_id", "count"}``, ``GET /_sandbox/stats[?times=1]``,
-``POST /_sandbox/reset``. Run: ``python -m rilla_bridge.callrail.sandbox --port N ...``.
+``POST /_sandbox/reset``. Run: ``python -m sandbox.callrail --port N ...``.
 """
 
 from __future__ import annotations

@@ -1,27 +1,26 @@
 -- CallRail quota guard: every decision about one account is ONE call of this script, so
 -- concurrent processes can never both spend the last token (see quota.py for the key layout).
+-- "Now" is the caller's clock (epoch seconds), so every process judges windows alike within
+-- the clocks' agreement, which the margin covers.
 --
 -- KEYS: 1 pause_until, 2 pause_level, 3 waiting set, 4 known zset,
 --       then per lane i (in priority order): queue list, hourly usage hash, daily usage hash.
 -- ARGV: 1 op (take|next|status|pause), 2 account, 3 number of lanes, 4 hourly limit,
 --       5 daily limit, 6 hour seconds, 7 day seconds, 8 margin seconds, 9 hour bucket seconds,
---       10 day bucket seconds, 11.. one share per lane, then the op's own arguments.
+--       10 day bucket seconds, 11 now, 12.. one share per lane, then the op's own arguments.
 --
 -- Usage hashes: field "lo" = oldest bucket that may still count, "n" = live total,
 -- "<bucket index>" = grants in that bucket. A grant in bucket b counts until
 -- (b + 1) * size + window + margin: never earlier than a true rolling window would free it.
 
-if redis.replicate_commands then redis.replicate_commands() end
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now = tonumber(ARGV[11])
 local op, account, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local HL, DL = tonumber(ARGV[4]), tonumber(ARGV[5])
 local HW, DW, M = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local HS, DS = tonumber(ARGV[9]), tonumber(ARGV[10])
 local shares = {}
-for i = 1, n do shares[i] = tonumber(ARGV[10 + i]) end
-local A = 10 + n -- op arguments start at ARGV[A + 1]
+for i = 1, n do shares[i] = tonumber(ARGV[11 + i]) end
+local A = 11 + n -- op arguments start at ARGV[A + 1]
 
 local function qkey(i) return KEYS[4 + 3 * (i - 1) + 1] end
 local function hkey(i) return KEYS[4 + 3 * (i - 1) + 2] end

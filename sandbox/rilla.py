@@ -1,6 +1,6 @@
 """A faithful local stand-in for Rilla's Custom CRM API, with a control API for tests.
 
-Run it as ``python -m rilla_bridge.sandbox.rilla --port 8089 --org KEY[=a@x,b@y]``.
+Run it as ``python -m sandbox.rilla --port 8089 --org KEY[=a@x,b@y]``.
 The Custom CRM endpoints answer exactly as the seed documents (plain-text bodies,
 ``{"message": ...}`` on success when ``Accept: application/json``). The control API
 under ``/_sandbox/`` (JSON, unauthenticated; bind to loopback) manages orgs, faults,
@@ -24,7 +24,7 @@ from flask import Flask, Response, g, jsonify, request
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
-from rilla_bridge.sandbox.rilla_state import (
+from sandbox.rilla_state import (
     BAD_KEY,
     INVALID_JSON,
     Fault,
@@ -262,7 +262,7 @@ def _parse_org(value: str) -> tuple[str, list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point (``python -m rilla_bridge.sandbox.rilla``)."""
+    """Command-line entry point (``python -m sandbox.rilla``)."""
     parser = argparse.ArgumentParser(description="Local Rilla Custom CRM API sandbox.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)

@@ -1,9 +1,14 @@
-"""Putting work on Celery's queues with one Redis write instead of Celery's publish path.
+"""Everything that knows Celery's message format: queue and task names, and the messages.
 
-The web process and the scheduler write Celery protocol-2 messages straight onto kombu's
-Redis lists inside the same Lua script that stores the event, so storing and enqueueing are
-one atomic step and cost one round trip. ``tests/unit/test_taskqueue.py`` checks the message
-against what Celery itself produces, and the integration tests run a real worker on it.
+We put work on Celery's queues with one Redis write instead of Celery's publish path: intake
+and the scheduler write Celery protocol-2 messages (kombu's Redis-transport envelope) straight
+onto kombu's Redis lists inside the same Lua script that stores or moves the event, so storing
+and enqueueing are one atomic step and cost one round trip.
+
+Checked against the Celery and kombu versions that ``pyproject.toml`` pins to a range:
+``tests/unit/rilla_bridge/test_celery_messages.py`` compares our message with the one Celery
+itself publishes (and fails when Celery's differs), and the integration tests run real
+workers on it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import json
 import os
 import re
 import socket
-import time
 import uuid
 from typing import Any
 
@@ -27,8 +31,9 @@ _EMBED_JSON = json.dumps(_EMBED)
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
-def task_message(task: str, args: list[Any], queue: str) -> str:
-    """A kombu Redis-transport message for ``task(*args)`` routed to ``queue``."""
+def task_message(task: str, args: list[Any], queue: str, now: float) -> str:
+    """A kombu Redis-transport message for ``task(*args)`` routed to ``queue``, queued at
+    ``now`` (epoch seconds)."""
     task_id = str(uuid.uuid4())
     body = json.dumps([args, {}, _EMBED]).encode()
     message = {
@@ -57,7 +62,7 @@ def task_message(task: str, args: list[Any], queue: str) -> str:
             "stamps": {},
             # When this copy was queued: the scheduler's sweeper uses the oldest queued
             # message's time to tell a lost event from one still waiting in a backlog.
-            "rb_at": round(time.time(), 3),
+            "rb_at": round(now, 3),
         },
         "properties": {
             "correlation_id": task_id,
@@ -75,7 +80,7 @@ def task_message(task: str, args: list[Any], queue: str) -> str:
 def _process_event_template() -> str:
     """``task_message`` for process_event with its per-message values as format fields, so
     that intake (one message per webhook) fills in six values instead of encoding JSON."""
-    msg = json.loads(task_message(TASK_PROCESS_EVENT, ["@EID@"], QUEUE_EVENTS))
+    msg = json.loads(task_message(TASK_PROCESS_EVENT, ["@EID@"], QUEUE_EVENTS, 0.0))
     headers, props = msg["headers"], msg["properties"]
     msg["body"] = "@BODY@"
     headers["id"] = headers["root_id"] = props["correlation_id"] = "@TID@"
@@ -94,15 +99,15 @@ _PROCESS_EVENT = _process_event_template()
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 
 
-def process_event_message(event_id: str) -> str:
+def process_event_message(event_id: str, now: float) -> str:
     """The queue message for ``process_event(event_id)``: the same JSON as ``task_message``
-    (tests/unit/test_taskqueue.py compares both with Celery's), from a template."""
+    (the tests compare both with Celery's), from a template."""
     if not _SAFE_ID.fullmatch(event_id):   # anything JSON or repr would escape: the slow path
-        return task_message(TASK_PROCESS_EVENT, [event_id], QUEUE_EVENTS)
+        return task_message(TASK_PROCESS_EVENT, [event_id], QUEUE_EVENTS, now)
     task_id, tag = uuid4_pair()
     body = f'[["{event_id}"], {{}}, {_EMBED_JSON}]'.encode()
     return _PROCESS_EVENT.format(
-        at=repr(round(time.time(), 3)), body=base64.b64encode(body).decode(), tid=task_id,
+        at=repr(round(now, 3)), body=base64.b64encode(body).decode(), tid=task_id,
         argsrepr=f"['{event_id}']", tag=tag)
 
 

@@ -1,15 +1,90 @@
-"""CallRail call bodies (webhooks and API v3 call objects) as normalized snapshot fields."""
+"""Everything about CallRail's webhooks: the signature, the event kinds and their ranks, how a
+kind is told from a body, the call id, the call schema and the API recording-URL pattern.
+
+The web process imports the webhook part (``signature_ok``, ``KINDS``, ``detect_kind``,
+``call_id``); the transform layer imports ``parse``. The API client lives in
+``rilla_bridge.clients.callrail`` and takes its URL pattern from here.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from marshmallow import EXCLUDE, Schema, ValidationError, post_load
 
 from rilla_bridge.transform import fields as f
 from rilla_bridge.transform.model import Skip, Snapshot, TransformError
 
+NAME = "callrail"
+LABEL = "CallRail"
+
+# The ``?event=`` values a webhook URL may carry (SPEC "Webhook intake").
+KINDS = frozenset({
+    "pre_call", "call_routing_complete", "post_call", "call_modified", "outbound_post_call",
+    "outbound_call_modified", "text_received", "text_sent", "form_submission",
+})
+# Kinds whose bodies are never stored (none for CallRail).
+UNKEPT_KINDS: frozenset[str] = frozenset()
+
+
+def signature(signing_key: str, body: bytes) -> str:
+    """base64(HMAC-SHA1(key as UTF-8, raw body)), as CallRail sends in ``Signature``."""
+    digest = hmac.new(signing_key.encode("utf-8"), body, hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def signature_ok(signing_key: str, body: bytes, header: str | None) -> bool:
+    """Whether the ``Signature`` header signs ``body`` with ``signing_key`` (constant time)."""
+    if not header:
+        return False
+    expected = signature(signing_key, body)
+    return hmac.compare_digest(expected.encode(), header.strip().encode("utf-8", "replace"))
+
+
+def detect_kind(body: dict[str, Any]) -> str:
+    """SPEC: ``changes`` = modified, ``content`` = text, ``form_data`` = form, else post-call."""
+    if "changes" in body:
+        return "call_modified"
+    if "content" in body:
+        return "text_sent" if "agent" in body else "text_received"
+    if "form_data" in body:
+        return "form_submission"
+    return "post_call"
+
+
+def call_id(kind: str, body: dict[str, Any]) -> str | None:
+    """CallRail's id of the call this event is about, when it has one."""
+    return f.raw_call_id(body.get("resource_id") or body.get("id"))
+
+
+_RECORDING_API_PATH = re.compile(r"^/v3/a/([^/]+)/calls/([^/]+)/recording\.json$")
+
+
+def recording_api_call(url: Any) -> tuple[str, str] | None:
+    """``(account_id, call_id)`` when ``url`` is an API recording URL
+    (``.../v3/a/{acct}/calls/{id}/recording.json``, any host: the API client only ever sends
+    its key to its own base URL), else None."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https"):
+        return None
+    m = _RECORDING_API_PATH.match(parts.path)
+    return (m.group(1), m.group(2)) if m else None
+
+
+# -- the call schema ------------------------------------------------------------------------
+# What goes into the appointment's custom_fields, from the merged call fields (SPEC mapping).
+CUSTOM_FIELDS = ("direction", "duration", "tracking_number", "tags", "campaign", "value",
+                 "answered")
 RANKS: dict[str, int] = {
     "pre_call": 0,
     "call_routing_complete": 1,

@@ -12,7 +12,6 @@ and never appears in a result's ``error``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,7 +23,6 @@ from rilla_bridge.http import http_session
 
 ResultKind = Literal["ok", "rate_limited", "retryable", "permanent"]
 
-_RECORDING_PATH = re.compile(r"^/v3/a/([^/]+)/calls/([^/]+)/recording\.json$")
 _sessions: dict[tuple[int, str], requests.Session] = {}
 
 
@@ -47,23 +45,6 @@ def classify(status: int) -> ResultKind:
     if status >= 500:
         return "retryable"
     return "permanent"
-
-
-def parse_recording_api_url(url: str) -> tuple[str, str] | None:
-    """``(account_id, call_id)`` from an API ``.../v3/a/{acct}/calls/{id}/recording.json`` URL.
-
-    Any host is accepted: the client only ever sends the key to its own ``base_url``.
-    """
-    if not isinstance(url, str):
-        return None
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https"):
-        return None
-    m = _RECORDING_PATH.match(parts.path)
-    return (m.group(1), m.group(2)) if m else None
 
 
 def _session(base_url: str) -> requests.Session:

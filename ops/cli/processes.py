@@ -1,0 +1,38 @@
+"""Commands that run a process: the scheduler, a sandbox, the whole system locally."""
+
+from __future__ import annotations
+
+import click
+
+from ops.cli import main
+
+
+@main.command()
+def scheduler() -> None:
+    """Run the scheduler (due retries, lost-work sweep, CallRail dispatch, reconciliation)."""
+    # Imported here, as in the commands below: only the command that runs a process loads
+    # what that process needs (workers, gevent, a sandbox).
+    from workers.runtime import runtime
+    from workers.scheduler import run_forever
+
+    run_forever(runtime())
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("which", type=click.Choice(["rilla", "callrail"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sandbox(which: str, args: tuple[str, ...]) -> None:
+    """Run a local stand-in for Rilla or CallRail; ``rilla-bridge sandbox rilla --help``."""
+    if which == "rilla":
+        from sandbox.rilla import main as sandbox_main
+    else:
+        from sandbox.callrail import main as sandbox_main
+    sandbox_main(list(args))
+
+
+@main.command()
+def run() -> None:
+    """Run the whole system locally (Redis if needed, sandboxes, every Procfile process)."""
+    from ops.localrun import run_local
+
+    run_local()

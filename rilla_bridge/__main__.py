@@ -1,3 +1,0 @@
-from rilla_bridge.cli import main
-
-main()
