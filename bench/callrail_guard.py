@@ -39,7 +39,9 @@ from typing import Any
 import redis
 import requests
 
-from rilla_bridge.callrail.quota import QuotaGuard
+from rilla_bridge.clock import SystemClock
+from rilla_bridge.quota import QuotaGuard
+from rilla_bridge.scripts import Scripts
 from tests.system import System
 
 ACCOUNT, API_KEY = "111111111", "acme-callrail-api-key-01"
@@ -153,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         s.start_scheduler("scheduler2")
         deliveries(s, 10, "warm", 0.02)  # warm up web and worker processes
 
-        guard = QuotaGuard(client, hourly_limit=a.hourly, daily_limit=a.hourly * 10,
-                           hour_seconds=a.hour_seconds, day_seconds=a.hour_seconds * 10)
+        guard = QuotaGuard(client, Scripts(client), SystemClock(), hourly_limit=a.hourly,
+                           daily_limit=a.hourly * 10, hour_seconds=a.hour_seconds,
+                           day_seconds=a.hour_seconds * 10)
         cycle = a.hour_seconds + guard.margin_seconds + 0.1
         per_block = max(10, 2 * a.events // a.blocks)   # an arm's events over its blocks
         spacing = 0.05

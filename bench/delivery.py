@@ -50,7 +50,7 @@ from bench.common import (
     teardown,
     write_results,
 )
-from rilla_bridge.taskqueue import task_message
+from rilla_bridge.celery_messages import task_message
 from tests.support import wait_for
 from tests.system import BIN, System
 
@@ -224,7 +224,8 @@ def run_baseline(args: argparse.Namespace, latency_ms: int) -> dict[str, Any]:
         with client.pipeline(transaction=False) as pipe:
             for i in range(args.events):
                 pipe.lpush(baseline_celery.QUEUE,
-                           task_message(baseline_celery.TASK, [i], baseline_celery.QUEUE))
+                           task_message(baseline_celery.TASK, [i], baseline_celery.QUEUE,
+                                        time.time()))
             pipe.execute()
         cpu0 = cpu_seconds(sysm.procs, args.redis)
         t_start = time.monotonic()

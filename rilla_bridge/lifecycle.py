@@ -164,12 +164,18 @@ class Lifecycle:
         return timeline_entry(self.clock.now(), what, **data)
 
     def finish(self, event_id: str, status: Status, outcome: str, entry: str,
-               extra: dict[str, Any] | None = None, pipe: Any = None) -> None:
+               extra: dict[str, Any] | None = None, pipe: Any = None, *,
+               tenant: str = "") -> None:
         """Set the status (dropping a finished event from the pending index), append the
-        timeline entry and count the outcome; on ``pipe`` when given (the caller executes)."""
+        timeline entry and count the outcome; on ``pipe`` when given (the caller executes).
+        With ``tenant``, the event also leaves the tenant's wait list: it moved on another way,
+        and a freed slot must wake a real waiter (lua/lib/wake.lua does not look)."""
         own = pipe is None
         p = self.redis.pipeline() if own else pipe
         fields: dict[Any, Any] = {"status": str(status), **(extra or {})}
+        if tenant:
+            p.zrem(keys.cap_wait(tenant), event_id)
+            p.hdel(keys.cap_wait_messages(tenant), event_id)
         p.hset(keys.event(event_id), mapping=fields)
         p.rpush(keys.timeline(event_id), entry)
         p.expire(keys.timeline(event_id), self.retention)
@@ -179,9 +185,9 @@ class Lifecycle:
         if own:
             p.execute()
 
-    def skip(self, event_id: str, reason: str) -> str:
+    def skip(self, event_id: str, reason: str, *, tenant: str = "") -> str:
         self.finish(event_id, Status.SKIPPED, Outcome.SKIPPED,
-                    self.entry("skipped", reason=reason), {"reason": reason})
+                    self.entry("skipped", reason=reason), {"reason": reason}, tenant=tenant)
         return Outcome.SKIPPED
 
     def record_attempt(self, pipe: Any, event_id: str, tracking: dict[Any, Any],
@@ -203,7 +209,7 @@ class Lifecycle:
                          first_failure_at=first)
             self.finish(event["id"], Status.DEAD, Outcome.DEAD,
                         self.entry("dead_lettered", reason=reason[:300], code=reason_code),
-                        {"reason": reason[:300]}, pipe)
+                        {"reason": reason[:300]}, pipe, tenant=str(event.get("tenant") or ""))
             pipe.execute()
         log.warning("dead-lettered", extra={"event": event["id"], "tenant": event.get("tenant"),
                                             "reason_code": reason_code, "reason": reason[:300]})
@@ -211,7 +217,8 @@ class Lifecycle:
 
     # -- not yet ----------------------------------------------------------------------
     def schedule_retry(self, event_id: str, delay: float, status: Status, entry: str,
-                       outcome: str, extra: dict[str, Any] | None = None) -> str:
+                       outcome: str, extra: dict[str, Any] | None = None, *,
+                       tenant: str = "") -> str:
         """Off the pending index and into the retry set, due in ``delay`` seconds; the
         scheduler queues it again then (``requeue_due``)."""
         due = self.clock.now() + delay
@@ -219,7 +226,7 @@ class Lifecycle:
             pipe.zadd(keys.RETRY, {event_id: due})
             pipe.zrem(keys.PENDING, event_id)
             self.finish(event_id, status, outcome, entry,
-                        {"next_attempt_at": repr(due), **(extra or {})}, pipe)
+                        {"next_attempt_at": repr(due), **(extra or {})}, pipe, tenant=tenant)
             pipe.execute()
         return outcome
 

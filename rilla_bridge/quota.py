@@ -167,8 +167,9 @@ class QuotaGuard:
     def take(self, account: str, max_jobs: int = 1) -> list[dict[str, Any]]:
         """Pop up to ``max_jobs`` jobs the budget allows now, highest lane first.
 
-        Each returned job has ``lane`` and ``granted_at`` (Redis time) added; every job returned
-        has already been counted against the budget, so the caller makes its request now.
+        Each returned job has ``lane`` and ``granted_at`` (the guard's clock) added; every job
+        returned has already been counted against the budget, so the caller makes its request
+        now.
         """
         if max_jobs <= 0:
             return []

@@ -47,7 +47,7 @@ class ConnectionPerThread:
     caller turns into a 503, and the next call tries again. After a fork the child builds its
     own, never sharing the parent's socket. Unlike a pooled connection it is not checked
     before use, and redis-py 8 does not retry a command on it: after a Redis restart the first
-    command meets the closed socket and fails (``EventStore.intake`` then tries once more),
+    command meets the closed socket and fails (``Lifecycle.receive`` then tries once more),
     and the next one reconnects. Meant for sync (or gthread) gunicorn workers: under a gevent
     or eventlet worker ``threading.local`` is per greenlet, so every request would open a
     connection of its own.

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import redis
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.transport import Transport
 
-from rilla_bridge.clients.rilla import RillaResult
+from rilla_bridge.clients.rilla import RillaResult, classify
 from rilla_bridge.clock import FakeClock
+from rilla_bridge.providers import parse_event
 from rilla_bridge.settings import Settings
-from rilla_bridge.tenants import parse_tenants
+from rilla_bridge.tenants import Tenant, parse_tenants
+from rilla_bridge.transform.build import Action, build_action
+from rilla_bridge.transform.merge import merge_snapshots
+from rilla_bridge.transform.model import Skip, Snapshot
 from workers.runtime import Runtime, build_runtime
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -49,29 +57,119 @@ def load(source: str, name: str) -> dict[str, Any]:
 
 
 class FakeRilla:
-    """Answers from a script (then 200); ``users`` (if set) is the org's allowed rep emails."""
+    """Rilla's Custom CRM API as ``RillaClient`` reports it, without HTTP: it answers what the
+    Rilla sandbox (``sandbox/rilla.py``) answers through the real client, and
+    ``tests/unit/rilla_bridge/clients/test_rilla_contract.py`` checks that it does.
+
+    ``script`` answers the next calls first, as a sandbox fault does (nothing is stored);
+    ``fail`` scripts answers as the client classifies them. ``users`` (if set) is the org's
+    allowed rep emails (compared trimmed and case-blind, as Rilla does); every API key is
+    taken for an org's. ``appointments`` holds what was stored, per API key and event id.
+    """
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, Any]] = []
         self.script: list[RillaResult] = []
         self.users: set[str] | None = None
+        self.appointments: dict[str, dict[str, dict[str, Any]]] = {}
 
-    def _answer(self) -> RillaResult:
-        return self.script.pop(0) if self.script else RillaResult("ok", 200, "Successfully")
+    def fail(self, status: int, *, body: str | None = None, retry_after: str | None = None,
+             count: int = 1) -> None:
+        """Answer the next ``count`` calls with ``status`` (body: the status phrase, as the
+        sandbox's faults), classified as the client classifies it."""
+        text = body if body is not None else HTTPStatus(status).phrase
+        self.script += [classify(status, text, retry_after)] * count
 
     def upsert(self, api_key: str, payload: Mapping[str, Any]) -> RillaResult:
-        self.calls.append(("upsert", api_key, json.loads(json.dumps(payload))))
-        if self.users is not None and payload.get("user_email") not in self.users:
-            return RillaResult("permanent", 422, "User email is not in Rilla")
-        return self._answer()
+        try:
+            body = json.loads(json.dumps(payload, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            self.calls.append(("upsert", api_key, None))
+            return RillaResult("permanent", None, "",
+                               error=f"payload is not JSON serializable: {exc}")
+        self.calls.append(("upsert", api_key, body))
+        if self.script:
+            return self.script.pop(0)
+        try:
+            message = self._store(api_key, body)
+        except _Refused as exc:
+            return RillaResult("permanent", exc.status, exc.body)
+        return RillaResult("ok", 200, json.dumps({"message": message}))
 
     def delete(self, api_key: str, event_id: str) -> RillaResult:
         self.calls.append(("delete", api_key, event_id))
-        return self._answer()
+        if not event_id:
+            return RillaResult("permanent", None, "", error="empty event_id")
+        if self.script:
+            return self.script.pop(0)
+        if self.appointments.get(api_key, {}).pop(event_id, None) is None:
+            return RillaResult("ok", 404, "Appointment not found")   # already gone: deleted
+        return RillaResult("ok", 200, json.dumps({"message": "Successfully deleted appointment"}))
 
     @property
     def upserts(self) -> list[dict[str, Any]]:
         return [c[2] for c in self.calls if c[0] == "upsert"]
+
+    def _store(self, api_key: str, body: dict[str, Any]) -> str:
+        """The sandbox's rules, in its order: required fields, then formats, then the rep."""
+        if not _text(body.get("event_id")) or not _text(body.get("user_email")):
+            raise _Refused(400, _MISSING)
+        appts = self.appointments.setdefault(api_key, {})
+        existing = appts.get(body["event_id"])
+        if existing is None:
+            customer = body.get("customer")
+            if (any(not _text(body.get(f)) for f in ("start_time", "end_time", "title"))
+                    or not isinstance(customer, dict)
+                    or not _text(customer.get("id")) or not _text(customer.get("name"))):
+                raise _Refused(400, _MISSING)
+        merged = dict(existing or {})
+        for key, value in body.items():
+            if key == "customer" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        for name in ("start_time", "end_time"):
+            if name in body and not _rilla_time(body[name]):
+                raise _Refused(400, f"Invalid {name}: expected yyyy-mm-dd hh:mm:ss (UTC)")
+        if "customer" in body and not isinstance(body["customer"], dict):
+            raise _Refused(400, _MISSING)
+        recording_type = merged.get("recording_type")
+        if merged.get("media_url") and recording_type is None:
+            raise _Refused(400, "recording_type is required when media_url is provided")
+        if recording_type is not None and recording_type not in _RECORDING_TYPES:
+            raise _Refused(400, "Invalid recording_type")
+        if recording_type == "CALL_AUDIO_WITH_LOCATION" and not _text(merged.get("location")):
+            raise _Refused(400, "location is required for CALL_AUDIO_WITH_LOCATION")
+        if self.users is not None and body["user_email"].strip().lower() not in {
+                u.strip().lower() for u in self.users}:
+            raise _Refused(422, "User email is not in Rilla")
+        appts[body["event_id"]] = merged
+        return f"Successfully {'updated' if existing else 'created'} appointment"
+
+
+_MISSING = "Missing some required parameters in the body"
+_RECORDING_TYPES = frozenset({"CALL_AUDIO", "APPOINTMENT_AUDIO", "CALL_AUDIO_WITH_LOCATION"})
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _rilla_time(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) != 19:
+        return False
+    try:
+        datetime.strptime(value, "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return False
+    return True
 
 
 def make_runtime(client: redis.Redis, clock: FakeClock | None = None,
@@ -83,3 +181,66 @@ def make_runtime(client: redis.Redis, clock: FakeClock | None = None,
     return build_runtime(Settings(**values), client=client,
                          tenants=parse_tenants(tenants, env={}), clock=clock or FakeClock(),
                          rilla=FakeRilla())
+
+
+# -- the transform layer: a tenant, snapshots as the worker stores them, one call's action ----
+def tenant(**overrides: Any) -> Tenant:
+    """The tenant the transform tests build payloads for (``acme``, one mapped user)."""
+    values: dict[str, Any] = {
+        "slug": "acme",
+        "rilla_api_key": "rk_test_0000000000",
+        "default_user_email": "office@acme.example",
+        "users": {"mike@acme.example": "mike.r@acme.example"},
+    }
+    values.update(overrides)
+    return Tenant(**values)
+
+
+def snap(source: str, kind: str, raw: dict[str, Any]) -> Snapshot:
+    """``parse_event`` that must give a Snapshot."""
+    result = parse_event(source, kind, raw)
+    assert isinstance(result, Snapshot), result
+    return result
+
+
+def stored(snapshot: Snapshot, received_at: float) -> dict[str, Any]:
+    """What the worker keeps in Redis for one snapshot (a JSON round trip, as there)."""
+    item = {"rank": snapshot.rank, "received_at": received_at, "fields": snapshot.fields}
+    loaded: dict[str, Any] = json.loads(json.dumps(item))
+    return loaded
+
+
+def action_for(source: str, events: list[tuple[str, dict[str, Any]]], t: Tenant | None = None,
+               resolved: Mapping[str, str] | None = None) -> Action:
+    """Parse events (received in list order), merge them and build the call's action."""
+    snaps = [snap(source, kind, raw) for kind, raw in events]
+    assert len({s.call_id for s in snaps}) == 1
+    merged = merge_snapshots([stored(s, float(i)) for i, s in enumerate(snaps)])
+    return build_action(source, snaps[0].call_id, merged, t or tenant(), resolved or {})
+
+
+def skip_reason(result: object) -> str:
+    """The reason of a Skip (anything else fails the test)."""
+    assert isinstance(result, Skip), result
+    return result.reason
+
+
+# -- Sentry -----------------------------------------------------------------------------------
+class CapturingTransport(Transport):
+    """A Sentry transport that keeps the events it would send (``init_sentry(...,
+    transport=...)``); the ``sentry_transport`` fixture resets Sentry afterwards."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.events: list[dict[str, Any]] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        for item in envelope.items:
+            if item.type in ("event", "transaction") and item.payload.json is not None:
+                self.events.append(item.payload.json)
+
+    def flush(self, timeout: float, callback: Any = None) -> None:
+        return None
+
+    def kill(self) -> None:
+        return None

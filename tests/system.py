@@ -1,14 +1,20 @@
 """Start real rilla-bridge processes (sandbox, web, worker, scheduler) for integration tests
-and benchmarks. Everything binds to 127.0.0.1 and is stopped by ``System.stop``."""
+and benchmarks. Everything binds to 127.0.0.1 and is stopped by ``System.stop``.
+
+Every ``start_*`` waits until its process is ready; with ``wait=False`` it only spawns it, and
+``ready()`` then waits for everything spawned so far, so that processes start side by side."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +22,15 @@ from typing import Any
 import requests
 
 from rilla_bridge.providers.callrail import signature as callrail_signature
-from tests.support import free_port, port_open, wait_for
+from tests.support import free_port, port_open
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# ``stop`` gives the sandboxes, gunicorn and the scheduler this long to exit on SIGTERM (they
+# take a few hundred milliseconds), then kills what is left. Celery workers are not waited for:
+# their warm shutdown takes seconds (so does the cold one, SIGQUIT), and nothing a test checks
+# happens after ``stop`` (the test's data goes with it).
+STOP_GRACE_SECONDS = 2.0
 
 TENANTS = """\
 [tenants.acme]
@@ -57,6 +68,8 @@ class System:
     web_port: int = field(default_factory=free_port)
     rilla_port: int = field(default_factory=free_port)
     callrail_port: int = field(default_factory=free_port)
+    starting: dict[str, tuple[Callable[[], bool], float]] = field(default_factory=dict)
+    workers: set[str] = field(default_factory=set)   # Celery workers (not waited for by stop)
 
     @property
     def web(self) -> str:
@@ -99,66 +112,106 @@ class System:
         tmp.write_text(self.tenants)
         os.replace(tmp, path)
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str], ready: Callable[[], bool] | None = None,
+               timeout: float = 30.0) -> subprocess.Popen[bytes]:
+        """Start ``args`` as ``name`` (its own session, output to its log); ``ready`` tells
+        when it is up, for ``ready()``."""
         log = self.workdir / f"{name}.log"
         self.logs[name] = log
         with log.open("ab") as out:
             proc = subprocess.Popen(args, env=self.env(), cwd=ROOT, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
+        if ready is not None:
+            self.starting[name] = (ready, timeout)
         return proc
 
-    def start_rilla_sandbox(self, *orgs: str, latency_ms: int = 0) -> None:
+    def _logged(self, name: str, text: bytes) -> Callable[[], bool]:
+        return lambda: text in self.logs[name].read_bytes()
+
+    def ready(self) -> None:
+        """Wait until every process started with ``wait=False`` is ready; fail at once if one
+        exits first (its log's tail in the message)."""
+        for name, (check, timeout) in list(self.starting.items()):
+            proc = self.procs[name]
+            deadline = time.monotonic() + timeout
+            while not _true(check):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode} before it was "
+                                       f"ready; log:\n{self.log(name)[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out after {timeout}s waiting for {name} ready; "
+                                       f"log:\n{self.log(name)[-3000:]}")
+                time.sleep(0.05)
+            del self.starting[name]
+
+    def start_rilla_sandbox(self, *orgs: str, latency_ms: int = 0, wait: bool = True) -> None:
         org_args = [a for o in (orgs or ("acme-rilla-key-000001", "beta-rilla-key-000002"))
                     for a in ("--org", o)]
         self._spawn("rilla", [sys.executable, "-m", "sandbox.rilla", "--port",
-                              str(self.rilla_port), "--latency-ms", str(latency_ms), *org_args])
-        wait_for(lambda: port_open(self.rilla_port), what="rilla sandbox")
+                              str(self.rilla_port), "--latency-ms", str(latency_ms), *org_args],
+                    lambda: port_open(self.rilla_port), timeout=20)
+        if wait:
+            self.ready()
 
-    def start_callrail_sandbox(self, *args: str) -> None:
+    def start_callrail_sandbox(self, *args: str, wait: bool = True) -> None:
         self._spawn("callrail_sbx", [sys.executable, "-m", "sandbox.callrail",
-                                     "--port", str(self.callrail_port), *args])
-        wait_for(lambda: port_open(self.callrail_port), what="callrail sandbox")
+                                     "--port", str(self.callrail_port), *args],
+                    lambda: port_open(self.callrail_port), timeout=20)
+        if wait:
+            self.ready()
 
-    def start_web(self, workers: int = 2) -> None:
+    def start_web(self, workers: int = 2, wait: bool = True) -> None:
         self.env_extra["WEB_CONCURRENCY"] = str(workers)
         self._spawn("web", [str(BIN / "gunicorn"), "-c", "app/gunicorn_conf.py",
-                            "--bind", f"127.0.0.1:{self.web_port}", "app.wsgi:app"])
-        wait_for(lambda: requests.get(f"{self.web}/healthz", timeout=1).ok, what="web")
+                            "--bind", f"127.0.0.1:{self.web_port}", "app.wsgi:app"],
+                    lambda: requests.get(f"{self.web}/healthz", timeout=1).ok, timeout=20)
+        if wait:
+            self.ready()
 
     def start_worker(self, name: str = "worker", queue: str = "events",
-                     concurrency: int = 20) -> subprocess.Popen[bytes]:
+                     concurrency: int = 20, wait: bool = True) -> subprocess.Popen[bytes]:
         proc = self._spawn(name, [
             str(BIN / "celery"), "-A", "workers.celery_app", "worker", "-Q", queue, "-P",
             "gevent", "-c", str(concurrency), "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-l", "INFO", "-n", f"{name}@%h"])
-        wait_for(lambda: b"ready" in self.logs[name].read_bytes(), timeout=30,
-                 what=f"{name} ready")
+            "--without-heartbeat", "-l", "INFO", "-n", f"{name}@%h"],
+            self._logged(name, b"ready"))
+        self.workers.add(name)
+        if wait:
+            self.ready()
         return proc
 
-    def start_scheduler(self, name: str = "scheduler") -> None:
-        self._spawn(name, [str(BIN / "rilla-bridge"), "scheduler"])
-        wait_for(lambda: b"scheduler started" in self.logs[name].read_bytes(), timeout=30,
-                 what="scheduler")
+    def start_scheduler(self, name: str = "scheduler", wait: bool = True) -> None:
+        self._spawn(name, [str(BIN / "rilla-bridge"), "scheduler"],
+                    self._logged(name, b"scheduler started"))
+        if wait:
+            self.ready()
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
+        self.starting.pop(name, None)
+        self.workers.discard(name)
         os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
 
-    def stop(self) -> None:
-        for proc in list(self.procs.values()):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM to every process group; once every process but the Celery workers has
+        exited (at most ``grace`` seconds), SIGKILL to what is left."""
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name, proc in self.procs.items():
+            if name not in self.workers:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGKILL)   # with whatever children it still has
+        for proc in self.procs.values():
+            proc.wait(timeout=10)
         self.procs.clear()
+        self.starting.clear()
+        self.workers.clear()
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
@@ -181,3 +234,18 @@ class System:
         r = requests.request(method, f"{self.rilla}/_sandbox/{path}", timeout=10, **kw)
         r.raise_for_status()
         return r.json() if r.content else None
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process group ``proc`` leads (each process is started in a session of its
+    own); a group that is gone already is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _true(check: Callable[[], bool]) -> bool:
+    """``check()``, where an exception (the thing is not up yet) counts as False."""
+    try:
+        return bool(check())
+    except Exception:
+        return False

@@ -69,7 +69,7 @@ def process_event(rt: Runtime, event_id: str) -> str:
     except TransformError as exc:
         return _dead_letter(rt, event, "transform", str(exc))
     if isinstance(parsed, Skip):
-        return rt.lifecycle.skip(event_id, parsed.reason)
+        return rt.lifecycle.skip(event_id, parsed.reason, tenant=tenant.slug)
 
     call_id = parsed.call_id
     snapshot = {"rank": parsed.rank, "received_at": float(event["received_at"]),
@@ -81,7 +81,8 @@ def process_event(rt: Runtime, event_id: str) -> str:
         want_lock=kind in DELIVERY_KINDS)
     if got == 2:
         return rt.lifecycle.skip(
-            event_id, f"{kind} event: merged into the call's state, not delivered on its own")
+            event_id, f"{kind} event: merged into the call's state, not delivered on its own",
+            tenant=tenant.slug)
     if got != 1 or state is None:
         return _busy(rt, event_id, got, tenant.slug)
     return _deliver_locked(rt, event, tenant, call_id, token, state)
@@ -105,7 +106,7 @@ def _busy(rt: Runtime, event_id: str, got: int, tenant: str) -> str:
         return rt.lifecycle.schedule_retry(
             event_id, BUSY_REQUEUE_SECONDS * (1 + random.random()), Status.WAITING,
             rt.lifecycle.entry("waiting", reason="another delivery of this call"),
-            Outcome.BUSY)
+            Outcome.BUSY, tenant=tenant)
     # At the tenant's cap: queued again when a slot frees; the retry is only a safety copy.
     rt.lifecycle.wait_for_slot(
         tenant, event_id,
@@ -137,7 +138,7 @@ def _deliver_locked(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id:
             return _dead_letter(rt, event, "transform", str(exc),
                                 rilla_event_id=event_id_for(source, call_id))
         if isinstance(action, Skip):
-            return rt.lifecycle.skip(event_id, action.reason)
+            return rt.lifecycle.skip(event_id, action.reason, tenant=tenant.slug)
         if isinstance(action, NeedsRecording):
             return rt.recordings.request(tenant, event, action)
         outcome, released = _send(rt, event, tenant, call_id, state, action, token)
@@ -159,7 +160,8 @@ def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
     fp = _fingerprint(tenant.rilla_api_key, action)
     if state.get("delivered") == fp:
         lc.finish(event_id, Status.DELIVERED, Outcome.UNCHANGED,
-                  lc.entry("delivered", note="Rilla already has this exact data"))
+                  lc.entry("delivered", note="Rilla already has this exact data"),
+                  tenant=tenant.slug)
         return Outcome.UNCHANGED, False
     now = rt.clock.now()
     attempts = int(event.get("attempts") or 0) + 1
@@ -186,7 +188,8 @@ def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
             lc.record_attempt(pipe, event_id, tracking, attempt)
             rt.calls.mark_delivered(pipe, tenant.slug, source, call_id, fp)
             what = "delivered" if payload is not None else "deleted"
-            lc.finish(event_id, Status.DELIVERED, Outcome.DELIVERED, lc.entry(what), pipe=pipe)
+            lc.finish(event_id, Status.DELIVERED, Outcome.DELIVERED, lc.entry(what), pipe=pipe,
+                      tenant=tenant.slug)
             rt.calls.release(pipe, tenant.slug, source, call_id, token)
             pipe.execute()
         return Outcome.DELIVERED, True
@@ -209,4 +212,4 @@ def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
     return lc.schedule_retry(
         event_id, delay, Status.RETRY_SCHEDULED,
         lc.entry("retry_scheduled", in_s=round(delay, 2), after=result.status or result.error),
-        Outcome.RETRY), False
+        Outcome.RETRY, tenant=tenant.slug), False

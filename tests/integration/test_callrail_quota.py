@@ -20,7 +20,7 @@ from rilla_bridge.clock import SystemClock
 from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.scripts import Scripts
 from sandbox.callrail import make_call
-from tests.unit.callrail.helpers import control, sandbox_process
+from tests.callrail_sandbox import control, sandbox_process
 
 pytestmark = pytest.mark.integration
 

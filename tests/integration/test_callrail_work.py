@@ -67,7 +67,7 @@ def cr_account(s: System) -> dict[str, Any]:
     return account
 
 
-def wait(pred: Any, timeout: float, what: str, every: float = 0.1) -> Any:
+def wait(pred: Any, timeout: float, what: str, every: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
@@ -92,14 +92,29 @@ def start_system(s: System, client: redis.Redis, *, pipeline: bool) -> None:
     cr(s, f"accounts/{ACCOUNT}", {"api_key": API_KEY, "calls": []})
     # Reconciliation starts only when a test asks for it (by deleting this marker).
     client.set("rb:recon:acme", 1, ex=3600)
-    if pipeline:
-        s.start_rilla_sandbox()
-        s.start_web()
-        s.start_worker("worker", "events", 20)
+    if pipeline:    # the processes start side by side; ready() waits for them all
+        s.start_rilla_sandbox(wait=False)
+        s.start_web(wait=False)
+        s.start_worker("worker", "events", 20, wait=False)
     for i in range(3):
-        s.start_worker(f"crworker{i}", "callrail", 10)
-    s.start_scheduler("scheduler1")
-    s.start_scheduler("scheduler2")
+        s.start_worker(f"crworker{i}", "callrail", 10, wait=False)
+    s.start_scheduler("scheduler1", wait=False)
+    s.start_scheduler("scheduler2", wait=False)
+    s.ready()
+
+
+def settled(client: redis.Redis, g: QuotaGuard) -> bool:
+    """Nothing left that could still reach Rilla or CallRail: no event pending, retrying or
+    queued, no CallRail job waiting or queued, no message held by a worker (Celery acks late,
+    after the outcome is stored)."""
+    with client.pipeline() as pipe:
+        pipe.zcard(keys.PENDING)
+        pipe.zcard(keys.RETRY)
+        pipe.llen("events")
+        pipe.llen("callrail")
+        pipe.hlen("unacked")   # kombu's Redis transport: messages taken, not acked yet
+        busy = any(pipe.execute())
+    return not busy and not any(g.status(ACCOUNT)["waiting"].values())
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +270,7 @@ def test_reconciliation_delivers_a_missed_call_once_and_skips_a_call_its_webhook
     wait(lambda: missed_id in appointments(s), 20, "reconciliation to deliver the missed call")
     got = appointments(s)[missed_id]
     assert got["media_url"] == missed["recording_redirect"]  # resolved via recording.json
-    time.sleep(1.0)  # anything still in flight would land now
+    wait(lambda: settled(client, guard(client)), 10, "nothing left in flight")
     upserts = s.sandbox("stats")["upserts_by_event"]
     assert upserts[arrived_id] == 1, upserts
     assert upserts[missed_id] == 1, upserts

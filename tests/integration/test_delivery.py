@@ -1,6 +1,7 @@
 """Delivery end to end: real Redis, web, Celery workers, scheduler and the Rilla sandbox.
 
-Each test starts its own processes (tests/system.py) and stops them; every wait is bounded.
+Each test starts its own processes (tests/system.py) and stops them; every wait is bounded,
+and waits for what it needs (a condition polled in Redis or the sandbox), not for a fixed time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 import redis
 import requests
 
+from rilla_bridge import keys
+from rilla_bridge.celery_messages import QUEUE_EVENTS
 from rilla_bridge.events import EventStore
 from tests.support import RedisServer
 from tests.system import BIN, ROOT, System
@@ -43,7 +46,7 @@ def call_body(n: int, tenant: str = "acme", **change: Any) -> dict[str, Any]:
     return body
 
 
-def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -82,6 +85,24 @@ def dlq_rows(sys_: System) -> list[dict[str, Any]]:
     return rows
 
 
+def dead_letters(sys_: System) -> list[str]:
+    """Ids in the dead-letter index, straight from Redis (``dlq_rows`` runs the command line:
+    half a second a call, too slow to poll)."""
+    with redis.Redis.from_url(sys_.redis_url) as client:
+        return [i.decode() for i in client.zrange(keys.DLQ_INDEX, 0, -1)]
+
+
+def settled(sys_: System) -> bool:
+    """Nothing left that could still reach Rilla: no event pending, waiting for a retry or
+    queued, and no message held by a worker (Celery acks late, after the outcome is stored)."""
+    with redis.Redis.from_url(sys_.redis_url) as client, client.pipeline() as pipe:
+        pipe.zcard(keys.PENDING)
+        pipe.zcard(keys.RETRY)
+        pipe.llen(QUEUE_EVENTS)
+        pipe.hlen("unacked")   # kombu's Redis transport: messages taken, not acked yet
+        return not any(pipe.execute())
+
+
 def post_ok(sys_: System, tenant: str, body: dict[str, Any] | bytes,
             event: str | None = None) -> str:
     r = sys_.post_callrail(tenant, body, event=event)
@@ -112,10 +133,11 @@ def store(own_redis: RedisServer) -> EventStore:
 
 def _everything(sys_: System, orgs: tuple[str, ...] = (), latency_ms: int = 0,
                 concurrency: int = 20) -> None:
-    sys_.start_rilla_sandbox(*orgs, latency_ms=latency_ms)
-    sys_.start_web()
-    sys_.start_worker(concurrency=concurrency)
-    sys_.start_scheduler()
+    sys_.start_rilla_sandbox(*orgs, latency_ms=latency_ms, wait=False)
+    sys_.start_web(wait=False)
+    sys_.start_worker(concurrency=concurrency, wait=False)
+    sys_.start_scheduler(wait=False)
+    sys_.ready()
 
 
 def _upserts(sys_: System) -> dict[str, int]:
@@ -130,9 +152,10 @@ def test_sigkill_worker_mid_delivery_loses_nothing(systems: Callable[..., System
                                                     store: EventStore) -> None:
     s = systems(VISIBILITY_TIMEOUT_SECONDS="10", STALE_PENDING_SECONDS="20",
                 RILLA_READ_TIMEOUT="3", RILLA_CONNECT_TIMEOUT="1")
-    s.start_rilla_sandbox(latency_ms=200)
-    s.start_web()
-    s.start_scheduler()
+    s.start_rilla_sandbox(latency_ms=200, wait=False)
+    s.start_web(wait=False)
+    s.start_scheduler(wait=False)
+    s.ready()
     n = 200
     accepted = [post_ok(s, "acme", call_body(i)) for i in range(n)]
     s.start_worker(concurrency=20)
@@ -241,7 +264,8 @@ def test_unknown_rep_dead_lettered_then_replayed(systems: Callable[..., System],
     s = systems()
     _everything(s, orgs=(f"{ACME_KEY}=office@acme.example", BETA_KEY))
     eid = post_ok(s, "acme", call_body(7))  # rep mike.r@acme.example is not in the org
-    (row,) = until(lambda: dlq_rows(s), 20, "the dead letter")
+    until(lambda: dead_letters(s), 20, "the dead letter")
+    (row,) = dlq_rows(s)
     assert (row["id"], row["status_code"], row["attempts"]) == (eid, 422, 1), (
         row, store.timeline(eid), s.log("worker")[-4000:])
     assert "User email is not in Rilla" in row["reason"]
@@ -258,14 +282,15 @@ def test_unknown_rep_dead_lettered_then_replayed(systems: Callable[..., System],
     assert second.returncode == 0 and "replayed 0 of 0" in second.stdout
     until(lambda: len(appointments(s)) == 1, 20, "the replayed delivery")
     until(lambda: status(store, eid) == "delivered", 10, "delivered status")
-    time.sleep(1.5)
+    until(lambda: settled(s), 10, "nothing left in flight")
     assert _upserts(s) == {f"callrail-{call_body(7)['resource_id']}": 1}
     assert dlq_rows(s) == []
 
     # Fix in our tenants file instead: a users entry, the worker restarted, then replay.
     s.sandbox(f"orgs/{ACME_KEY}", "PUT", json={"users": ["office@acme.example"]})
     eid2 = post_ok(s, "acme", call_body(8, agent_email="new.rep@acme.example"))
-    until(lambda: [r["id"] for r in dlq_rows(s)] == [eid2], 20, "the second dead letter")
+    until(lambda: dead_letters(s) == [eid2], 20, "the second dead letter")
+    assert [r["id"] for r in dlq_rows(s)] == [eid2]
     s.tenants = s.tenants.replace(
         '"mike@acme.example" = "mike.r@acme.example"',
         '"mike@acme.example" = "mike.r@acme.example"\n"new.rep@acme.example" = '
@@ -300,7 +325,7 @@ def test_bad_data_is_dead_lettered_with_clear_reasons(systems: Callable[..., Sys
     for i, (name, (body, _)) in enumerate(bad.items()):
         ids[name] = post_ok(s, "acme", body)
         post_ok(s, "acme", call_body(100 + i))  # a good event after each bad one
-    until(lambda: len(dlq_rows(s)) == len(bad), 30, "every bad event dead-lettered")
+    until(lambda: len(dead_letters(s)) == len(bad), 30, "every bad event dead-lettered")
     until(lambda: len(appointments(s)) == len(bad), 30, "every good event delivered")
     by_id = {r["id"]: r for r in dlq_rows(s)}
     for name, (_, words) in bad.items():
@@ -329,7 +354,9 @@ def test_one_slow_or_failing_tenant_does_not_hold_back_another(
         s.sandbox("faults", "POST", json={"status": 500, "count": None, "api_key": ACME_KEY})
     for i in range(40):
         post_ok(s, "acme", call_body(i))
-    time.sleep(0.5)  # acme's events now fill what acme may use
+    # Every acme message taken by the worker: acme's events now fill what acme may use.
+    with redis.Redis.from_url(s.redis_url) as client:
+        until(lambda: client.llen(QUEUE_EVENTS) == 0, 10, "the worker to take acme's events")
     started = time.monotonic()
     for i in range(10):
         post_ok(s, "beta", call_body(i, tenant="beta"))

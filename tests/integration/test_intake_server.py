@@ -265,9 +265,10 @@ def test_web_started_while_redis_is_down_answers_503_then_202(own_redis: RedisSe
 def test_signed_webhook_is_delivered_end_to_end(own_redis: RedisServer) -> None:
     system = System(own_redis.url)
     try:
-        system.start_rilla_sandbox()
-        system.start_worker()
-        system.start_web()
+        system.start_rilla_sandbox(wait=False)
+        system.start_worker(wait=False)
+        system.start_web(wait=False)
+        system.ready()
         raw = (FIXTURES / "callrail" / "post_call.json").read_bytes()
         resp = system.post_callrail("acme", raw, event="post_call")
         assert resp.status_code == 202, resp.text
@@ -281,9 +282,12 @@ def test_signed_webhook_is_delivered_end_to_end(own_redis: RedisServer) -> None:
             shown: dict[str, object] = json.loads(out.stdout)
             return shown
 
+        # Polled in Redis (the command line takes half a second a run), then shown once.
+        store = EventStore(make_redis(Settings(redis_url=own_redis.url)))
         try:
-            wait_for(lambda: show()["event"]["status"] == "delivered",  # type: ignore[index]
-                     timeout=60, interval=0.5, what="event delivered")
+            wait_for(lambda: (store.get(event_id) or {}).get("status") == "delivered",
+                     timeout=60, what="event delivered")
+            assert show()["event"]["status"] == "delivered"  # type: ignore[index]
         except TimeoutError:
             pytest.fail(f"not delivered: {show()}\n--- worker log ---\n"
                         f"{system.log('worker')[-4000:]}")

@@ -61,9 +61,10 @@ def test_intake_and_workers_over_rediss(tls_redis_url: str) -> None:
 
     system = System(tls_redis_url, env_extra={"REDIS_TLS_CERT_REQS": "none"})
     try:
-        system.start_rilla_sandbox()
-        system.start_web()
-        system.start_worker()
+        system.start_rilla_sandbox(wait=False)
+        system.start_web(wait=False)
+        system.start_worker(wait=False)
+        system.ready()
         body = {"resource_id": "CALtls1", "start_time": "2025-03-11T09:42:17.811-05:00",
                 "duration": "60", "customer_name": "Jo Park",
                 "customer_phone_number": "+15125550187", "agent_email": "mike@acme.example",
@@ -72,7 +73,7 @@ def test_intake_and_workers_over_rediss(tls_redis_url: str) -> None:
         assert resp.status_code == 202, resp.text
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not system.sandbox("appointments"):
-            time.sleep(0.2)
+            time.sleep(0.05)
         (appt,) = system.sandbox("appointments")
         assert appt["event_id"] == "callrail-CALtls1"
     finally:
