@@ -16,10 +16,9 @@ from app import views
 from app.door import FrontDoor
 from app.intake import Intake
 from rilla_bridge.clock import Clock, SystemClock
-from rilla_bridge.lifecycle import Lifecycle
+from rilla_bridge.lifecycle import make_lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
 from rilla_bridge.redis_conn import make_redis, single_connection, warn_unless_noeviction
-from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant, load_tenants
 
@@ -42,20 +41,21 @@ def create_app(
     warn_unless_noeviction(client, log)
     # Webhooks: one connection per worker thread, not the pool (see ConnectionPerThread).
     intake_client = None if redis_client is not None else single_connection(settings)
-    lifecycle = Lifecycle(client, Scripts(client), clock or SystemClock(), settings,
-                          intake_client=intake_client)
+    lifecycle = make_lifecycle(client, clock or SystemClock(), settings, tenants,
+                               intake_client=intake_client)
 
     app = Flask(__name__)
     app.config.update(
         RB_REDIS=client,
         RB_TENANTS=tenants,
+        RB_ADMIN_TOKEN=settings.admin_token,
         RB_LIFECYCLE=lifecycle,
         MAX_CONTENT_LENGTH=None,  # the front door enforces the limit on webhooks, streaming
     )
     # "//" in a URL is a wrong URL (404), not a 308 redirect a sender might not follow.
     app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
-    intake = Intake(tenants, lifecycle)
+    intake = Intake(tenants, lifecycle, settings)
     app.wsgi_app = FrontDoor(  # type: ignore[method-assign]
         app.wsgi_app, intake, settings.max_body_bytes)
 

@@ -25,7 +25,7 @@ from app.intake import Intake, Reply, WebhookRequest, error_body
 log = logging.getLogger("rilla_bridge.web")
 WEBHOOK_PATH = re.compile(r"/webhooks/(callrail|callingly)/([^/]+)")
 _STATUS_LINE = {code: f"{code} {HTTP_STATUS_CODES[code].upper()}"
-                for code in (200, 202, 400, 401, 404, 405, 413, 500, 503)}
+                for code in (200, 202, 400, 401, 404, 405, 413, 429, 500, 503)}
 _INTERNAL = Reply(500, error_body("internal error"))
 _metric_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import redis
 
-from rilla_bridge.lifecycle import Lifecycle, Status
+from rilla_bridge.jsonbody import parse_object
+from rilla_bridge.lifecycle import IntakeLimit, Lifecycle
 from rilla_bridge.providers import callingly, callrail
+from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant
 
 log = logging.getLogger("rilla_bridge.web")
@@ -53,29 +55,24 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def parse_object(body: bytes) -> dict[str, Any] | str:
-    """The body as a JSON object, or why it is not one."""
-    if not body:
-        return "empty body: expected a JSON object"
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return "body is not valid UTF-8"
-    try:
-        parsed = json.loads(text)
-    except (ValueError, RecursionError):
-        return "body is not valid JSON"
-    if not isinstance(parsed, dict):
-        return "body must be a JSON object"
-    return parsed
-
-
 class Intake:
     """Answers webhook requests for the tenants it was given, storing through ``lifecycle``."""
 
-    def __init__(self, tenants: dict[str, Tenant], lifecycle: Lifecycle) -> None:
+    def __init__(self, tenants: dict[str, Tenant], lifecycle: Lifecycle,
+                 settings: Settings) -> None:
         self.tenants = tenants
         self.lifecycle = lifecycle
+        self.settings = settings
+
+    def _limit(self, tenant: Tenant) -> IntakeLimit:
+        per_s = tenant.intake_per_second or self.settings.tenant_intake_per_second
+        mib = tenant.intake_mib_per_minute or self.settings.tenant_intake_mib_per_minute
+        return per_s, mib * 1024 * 1024 / 60
+
+    @staticmethod
+    def _limited(slug: str, wait: int) -> Reply:
+        return Reply(429, error_body("tenant over its intake limit; retry later"),
+                     (("Retry-After", str(wait)),), tenant=slug)
 
     def handle(self, req: WebhookRequest) -> Reply:
         tenant = self.tenants.get(req.tenant)
@@ -85,39 +82,46 @@ class Intake:
         if req.source == callrail.NAME:
             if tenant.callrail is None:
                 return Reply(404, error_body("tenant has no CallRail configuration"), tenant=slug)
-            if not callrail.signature_ok(tenant.callrail.signing_key, req.body, req.signature):
+            if not callrail.signature_ok(tenant.callrail.signing_keys, req.body, req.signature):
                 return Reply(401, error_body("missing or invalid Signature"), tenant=slug)
             provider: Any = callrail
         else:
             if tenant.callingly is None:
                 return Reply(404, error_body("tenant has no Callingly configuration"),
                              tenant=slug)
-            if not callingly.token_ok(tenant.callingly.webhook_token,
+            if not callingly.token_ok(tenant.callingly.webhook_tokens,
                                       req.query.get("token", [None])[0]):
                 return Reply(401, error_body("missing or invalid token"), tenant=slug)
             provider = callingly
+        limit = self._limit(tenant)
         kinds: frozenset[str] = provider.KINDS
         event_param = req.query.get("event", [None])[0]
+        parsed: dict[str, Any] | str
         if event_param is not None and event_param not in kinds:
-            return Reply(400, error_body(f"unknown event {event_param[:40]!r}; expected one of "
-                                         + ", ".join(sorted(kinds))), tenant=slug)
-        parsed = parse_object(req.body)
-        if isinstance(parsed, str):
-            return Reply(400, error_body(parsed), tenant=slug)
-        kind: str = event_param or provider.detect_kind(parsed)
-        unkept = kind in provider.UNKEPT_KINDS
+            parsed = (f"unknown event {event_param[:40]!r}; expected one of "
+                      + ", ".join(sorted(kinds)))
+        else:
+            parsed = parse_object(req.body)
         try:
+            if isinstance(parsed, str):
+                # SPEC's order: the intake limit (429) before the body (400); a bad body counts.
+                wait = self.lifecycle.take_intake(slug, len(req.body), limit)
+                if wait:
+                    return self._limited(slug, wait)
+                return Reply(400, error_body(parsed), tenant=slug)
+            kind: str = provider.kind_of(event_param, parsed)
+            unkept = kind in provider.UNKEPT_KINDS
             stored = self.lifecycle.receive(
                 source=req.source, tenant=slug, kind=kind, body=req.body,
-                call_id=provider.call_id(kind, parsed),
-                keep_body=not unkept, enqueue=not unkept,
-                status=Status.SKIPPED if unkept else Status.QUEUED,
+                call_id=provider.call_id(kind, parsed), keep=not unkept, limit=limit,
                 note="Callingly lead event: acknowledged, body not kept" if unkept else "",
             )
         except redis.RedisError as exc:
             log.warning("redis could not take the event: %s", type(exc).__name__)
             return Reply(503, error_body("storage unavailable, retry later"), _RETRY,
-                         tenant=slug, kind=kind)
+                         tenant=slug)
+        if stored.retry_after:
+            return self._limited(slug, stored.retry_after)
         if stored.duplicate:
             status, code = "duplicate", 200
         else:

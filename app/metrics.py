@@ -9,7 +9,6 @@ workers) are read from Redis at scrape time.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Iterator
 
 import redis
@@ -26,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
+from rilla_bridge.clock import Clock, SystemClock
 
 WEBHOOKS = Counter(
     "rilla_bridge_webhooks_total", "Webhook requests by source, tenant and reply code",
@@ -37,58 +37,92 @@ INTAKE_SECONDS = Histogram(
 )
 
 
-class RedisStateCollector(Collector):
-    """Backlog, dead letters and worker counters, read from Redis when scraped."""
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
-    def __init__(self, client: redis.Redis, tenants: Iterable[str] = ()) -> None:
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+class RedisStateCollector(Collector):
+    """The system's state, read from Redis when scraped: queues, and per tenant what waits,
+    runs and retries, and the age of its oldest unfinished event."""
+
+    def __init__(self, client: redis.Redis, tenants: Iterable[str] = (),
+                 clock: Clock | None = None) -> None:
         self.redis = client
-        self.tenants = sorted(tenants)
+        self.tenants = set(tenants)
+        self.clock = clock or SystemClock()
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        now = self.clock.now()
+        up = _gauge("rilla_bridge_redis_up", "Redis answered the scrape")
         try:
+            tenants = sorted(self.tenants | {_text(t) for t in
+                                             self.redis.smembers(keys.TENANTS)})
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.llen(QUEUE_EVENTS)
                 pipe.llen(QUEUE_CALLRAIL)
-                pipe.zcard(keys.PENDING)
-                pipe.zrange(keys.PENDING, 0, 0, withscores=True)
-                pipe.zcard(keys.RETRY)
-                pipe.zcard(keys.DLQ_INDEX)
                 pipe.hgetall(keys.STATS)
-                for tenant in self.tenants:
-                    pipe.zcard(keys.cap_wait(tenant))
-                q_events, q_callrail, pending, oldest, retry, dlq, stats, *waiting = (
-                    pipe.execute())
+                pipe.smembers(keys.PAUSED)
+                for t in tenants:
+                    pipe.zcard(keys.open_events(t))
+                    pipe.zrange(keys.open_events(t), 0, 0, withscores=True)
+                    pipe.llen(keys.lane(t))
+                    pipe.llen(keys.bulk_lane(t))
+                    pipe.zcount(keys.inflight(t), int(now * 1000), "+inf")
+                    pipe.zcard(keys.retry(t))
+                    pipe.zcard(keys.bulk_retry(t))
+                q_events, q_callrail, stats, paused, *per = pipe.execute()
+            try:
+                memory = self.redis.info("memory")
+            except redis.ResponseError:
+                # INFO refused (renamed or denied on some hosted Redis): the memory gauges read
+                # 0; every other gauge is still good.
+                memory = {}
         except redis.RedisError:
-            up = GaugeMetricFamily("rilla_bridge_redis_up", "Redis answered the scrape")
             up.add_metric([], 0)
             yield up
             return
-        up = GaugeMetricFamily("rilla_bridge_redis_up", "Redis answered the scrape")
         up.add_metric([], 1)
         yield up
-        depth = GaugeMetricFamily("rilla_bridge_queue_depth", "Messages waiting", labels=["queue"])
+        used = _gauge("rilla_bridge_redis_memory_used_bytes", "Redis used_memory")
+        used.add_metric([], float(memory.get("used_memory", 0)))
+        limit = _gauge("rilla_bridge_redis_memory_max_bytes",
+                       "Redis maxmemory (0 = no limit): alert well before used reaches it")
+        limit.add_metric([], float(memory.get("maxmemory", 0)))
+        yield used
+        yield limit
+        depth = _gauge("rilla_bridge_queue_depth", "Messages waiting in a Celery queue",
+                       ["queue"])
         depth.add_metric([QUEUE_EVENTS], q_events)
         depth.add_metric([QUEUE_CALLRAIL], q_callrail)
         yield depth
-        g = GaugeMetricFamily("rilla_bridge_pending_events", "Events received, not finished")
-        g.add_metric([], pending)
-        yield g
-        age = GaugeMetricFamily("rilla_bridge_oldest_pending_seconds",
-                                "Age of the oldest unfinished event")
-        age.add_metric([], max(0.0, time.time() - oldest[0][1]) if oldest else 0.0)
-        yield age
-        g = GaugeMetricFamily("rilla_bridge_retry_scheduled", "Events waiting for a retry")
-        g.add_metric([], retry)
-        yield g
-        g = GaugeMetricFamily("rilla_bridge_dead_letters", "Events in the dead-letter store")
-        g.add_metric([], dlq)
-        yield g
-        g = GaugeMetricFamily("rilla_bridge_waiting_for_slot",
-                              "Events waiting for a slot under their tenant's in-flight cap",
-                              labels=["tenant"])
-        for tenant, count in zip(self.tenants, waiting, strict=True):
-            g.add_metric([tenant], count)
-        yield g
+        oldest = _gauge("rilla_bridge_oldest_undelivered_seconds",
+                        "Age of the tenant's oldest event not finished (queued, in flight, "
+                        "retrying or waiting); 0 when none", ["tenant"])
+        undelivered = _gauge("rilla_bridge_undelivered_events",
+                             "Events received and not finished", ["tenant"])
+        waiting = _gauge("rilla_bridge_waiting_events",
+                         "Events waiting in the tenant's lanes for a slot or their turn",
+                         ["tenant", "lane"])
+        inflight = _gauge("rilla_bridge_in_flight", "Deliveries holding a slot", ["tenant"])
+        retrying = _gauge("rilla_bridge_retry_scheduled", "Events waiting for a retry",
+                          ["tenant"])
+        paused_g = _gauge("rilla_bridge_tenant_paused", "1 while delivery is paused",
+                          ["tenant"])
+        paused_names = {_text(p) for p in paused}
+        for i, t in enumerate(tenants):
+            n, head, live, bulk, running, r_live, r_bulk = per[7 * i: 7 * i + 7]
+            undelivered.add_metric([t], n)
+            oldest.add_metric([t], max(0.0, now - head[0][1]) if head else 0.0)
+            waiting.add_metric([t, "live"], live)
+            waiting.add_metric([t, "bulk"], bulk)
+            inflight.add_metric([t], running)
+            retrying.add_metric([t], r_live + r_bulk)
+            paused_g.add_metric([t], 1 if t in paused_names else 0)
+        yield from (oldest, undelivered, waiting, inflight, retrying, paused_g)
         outcomes = CounterMetricFamily("rilla_bridge_outcomes", "Worker outcomes since start",
                                        labels=["outcome"])
         for name, value in sorted(stats.items()):

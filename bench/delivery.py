@@ -224,8 +224,7 @@ def run_baseline(args: argparse.Namespace, latency_ms: int) -> dict[str, Any]:
         with client.pipeline(transaction=False) as pipe:
             for i in range(args.events):
                 pipe.lpush(baseline_celery.QUEUE,
-                           task_message(baseline_celery.TASK, [i], baseline_celery.QUEUE,
-                                        time.time()))
+                           task_message(baseline_celery.TASK, [i], baseline_celery.QUEUE))
             pipe.execute()
         cpu0 = cpu_seconds(sysm.procs, args.redis)
         t_start = time.monotonic()

@@ -69,8 +69,12 @@ def send_samples(base: str, sandbox: str, env: dict[str, str],
     for r in (r1, r2):
         if r.ok:
             eid = r.json()["id"]
-            out = subprocess.run([sys.executable, "-m", "ops", "events", "show", eid],
-                                 env=env, capture_output=True, text=True, check=False)
+            for _ in range(20):   # history reaches SQL a moment after delivery
+                out = subprocess.run([sys.executable, "-m", "ops", "events", "show", eid],
+                                     env=env, capture_output=True, text=True, check=False)
+                if out.returncode == 0:
+                    break
+                time.sleep(0.5)
             say("rilla-bridge events show " + eid + "\n" + out.stdout + out.stderr)
     appts = requests.get(f"{sandbox}/_sandbox/appointments", timeout=5).json()
     say(f"the Rilla sandbox now holds {len(appts)} appointment(s):")

@@ -4,7 +4,9 @@
    append-only persistence under .local/redis), or, when there is none, an in-process
    Redis-compatible server (fakeredis, from the dev extras) on the same port.
 2. Writes a demo tenant (.local/tenants.toml) unless TENANTS_FILE points elsewhere.
-3. Starts the Rilla and CallRail sandboxes and every Procfile process, prefixing their output.
+3. Runs the Procfile's ``release`` step (the history schema; with DATABASE_URL unset, a
+   SQLite file in the working directory), then starts the Rilla and CallRail sandboxes and
+   every other Procfile process, prefixing their output.
 4. Sends a signed sample CallRail call and a sample Callingly call, and shows them arriving.
 """
 
@@ -134,6 +136,12 @@ def run_local() -> None:
     env.setdefault("WORKER_CONCURRENCY", "20")
     env.setdefault("RETRY_BASE_SECONDS", "2")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    processes = procfile_commands(HERE / "Procfile")
+    for name, cmd in processes:
+        if name == "release":   # as Heroku does: to completion, before the others start
+            _say(f"release: {cmd}")
+            if subprocess.run(["/bin/sh", "-c", cmd], env=env, check=False).returncode:
+                raise SystemExit("the release step failed; nothing started")
     redis_proc, _ = ensure_redis(settings.redis_url)
 
     exe = shlex.quote(sys.executable)
@@ -143,7 +151,7 @@ def run_local() -> None:
         ("callrail-sbx", f"{exe} -m sandbox.callrail --port {CALLRAIL_PORT} "
                          f"--account {DEMO_CALLRAIL_ACCOUNT}:"
                          f"{env.get('DEMO_CALLRAIL_API_KEY', 'demo-callrail-api-key-0001')}"),
-        *procfile_commands(HERE / "Procfile"),
+        *((name, cmd) for name, cmd in processes if name != "release"),
     ]
     procs = [start(n, c, env, COLORS[i % len(COLORS)]) for i, (n, c) in enumerate(commands)]
     stop = threading.Event()

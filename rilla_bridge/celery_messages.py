@@ -1,11 +1,15 @@
 """Everything that knows Celery's message format: queue and task names, and the messages.
 
-We put work on Celery's queues with one Redis write instead of Celery's publish path: intake
-and the scheduler write Celery protocol-2 messages (kombu's Redis-transport envelope) straight
-onto kombu's Redis lists inside the same Lua script that stores or moves the event, so storing
-and enqueueing are one atomic step and cost one round trip.
+We put work on Celery's queues with one Redis write instead of Celery's publish path: the
+dispatch step of ``rilla_bridge.lanes`` writes Celery protocol-2 messages (kombu's
+Redis-transport envelope) straight onto kombu's Redis list inside the Lua script that takes
+the event from its tenant's lane, so taking a slot and enqueueing are one atomic step. The
+script builds the message from ``process_event_template()``: the message text cut at the
+places where the event id, the tenant and the task id go.
 
-Checked against the Celery and kombu versions that ``pyproject.toml`` pins to a range:
+The body is JSON text with ``body_encoding`` ``utf-8`` (kombu then passes it through as is)
+rather than Celery's base64, so that a Lua script can write it without encoding. Checked
+against the Celery and kombu versions that ``pyproject.toml`` pins to a range:
 ``tests/unit/rilla_bridge/test_celery_messages.py`` compares our message with the one Celery
 itself publishes (and fails when Celery's differs), and the integration tests run real
 workers on it.
@@ -27,17 +31,13 @@ QUEUE_EVENTS = "events"
 QUEUE_CALLRAIL = "callrail"
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_EMBED_JSON = json.dumps(_EMBED)
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
-def task_message(task: str, args: list[Any], queue: str, now: float) -> str:
-    """A kombu Redis-transport message for ``task(*args)`` routed to ``queue``, queued at
-    ``now`` (epoch seconds)."""
-    task_id = str(uuid.uuid4())
-    body = json.dumps([args, {}, _EMBED]).encode()
-    message = {
-        "body": base64.b64encode(body).decode(),
+def _envelope(task: str, args: list[Any], queue: str, task_id: str, tag: str, body: str,
+              body_encoding: str, argsrepr: str) -> dict[str, Any]:
+    return {
+        "body": body,
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -53,16 +53,13 @@ def task_message(task: str, args: list[Any], queue: str, now: float) -> str:
             "timelimit": [None, None],
             "root_id": task_id,
             "parent_id": None,
-            "argsrepr": repr(args),
+            "argsrepr": argsrepr,
             "kwargsrepr": "{}",
             "origin": _ORIGIN,
             "ignore_result": True,
             "replaced_task_nesting": 0,
             "stamped_headers": None,
             "stamps": {},
-            # When this copy was queued: the scheduler's sweeper uses the oldest queued
-            # message's time to tell a lost event from one still waiting in a backlog.
-            "rb_at": round(now, 3),
         },
         "properties": {
             "correlation_id": task_id,
@@ -70,63 +67,66 @@ def task_message(task: str, args: list[Any], queue: str, now: float) -> str:
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "body_encoding": body_encoding,
+            "delivery_tag": tag,
         },
     }
-    return json.dumps(message)
 
 
-def _process_event_template() -> str:
-    """``task_message`` for process_event with its per-message values as format fields, so
-    that intake (one message per webhook) fills in six values instead of encoding JSON."""
-    msg = json.loads(task_message(TASK_PROCESS_EVENT, ["@EID@"], QUEUE_EVENTS, 0.0))
-    headers, props = msg["headers"], msg["properties"]
-    msg["body"] = "@BODY@"
-    headers["id"] = headers["root_id"] = props["correlation_id"] = "@TID@"
-    headers["argsrepr"] = "@ARGSREPR@"
-    headers["rb_at"] = "@AT@"
-    props["delivery_tag"] = "@TAG@"
-    text = json.dumps(msg).replace("{", "{{").replace("}", "}}")
-    for marker, field in (('"@AT@"', "{at}"), ("@BODY@", "{body}"), ("@TID@", "{tid}"),
-                          ("@ARGSREPR@", "{argsrepr}"), ("@TAG@", "{tag}")):
-        assert marker in text, marker
-        text = text.replace(marker, field)
-    return text
+def task_message(task: str, args: list[Any], queue: str) -> str:
+    """A kombu Redis-transport message for ``task(*args)`` routed to ``queue``, as Celery
+    writes it (base64 body)."""
+    task_id = str(uuid.uuid4())
+    body = base64.b64encode(json.dumps([args, {}, _EMBED]).encode()).decode()
+    return json.dumps(_envelope(task, args, queue, task_id, str(uuid.uuid4()), body, "base64",
+                                repr(args)))
 
 
-_PROCESS_EVENT = _process_event_template()
-_SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+# Placeholders in the process_event template; none can occur in real message text.
+_MARKS = {"@EID@": "id", "@TEN@": "tenant", "@TID@": "tid"}
+_MARK_RE = re.compile("|".join(_MARKS))
+SAFE_ARG = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 
 
-def process_event_message(event_id: str, now: float) -> str:
-    """The queue message for ``process_event(event_id)``: the same JSON as ``task_message``
-    (the tests compare both with Celery's), from a template."""
-    if not _SAFE_ID.fullmatch(event_id):   # anything JSON or repr would escape: the slow path
-        return task_message(TASK_PROCESS_EVENT, [event_id], QUEUE_EVENTS, now)
-    task_id, tag = uuid4_pair()
-    body = f'[["{event_id}"], {{}}, {_EMBED_JSON}]'.encode()
-    return _PROCESS_EVENT.format(
-        at=repr(round(now, 3)), body=base64.b64encode(body).decode(), tid=task_id,
-        argsrepr=f"['{event_id}']", tag=tag)
+def process_event_template() -> list[str]:
+    """``process_event(event_id, tenant)``'s message cut into pieces: ``[text, name, text,
+    name, ..., text]`` where each name is ``id``, ``tenant`` or ``tid`` (the task id, also the
+    delivery tag). Joining the pieces with the values in place gives the message."""
+    args = ["@EID@", "@TEN@"]
+    body = json.dumps([args, {}, _EMBED])
+    msg = _envelope(TASK_PROCESS_EVENT, args, QUEUE_EVENTS, "@TID@", "@TID@", body, "utf-8",
+                    repr(args))
+    text = json.dumps(msg)
+    out: list[str] = []
+    pos = 0
+    for m in _MARK_RE.finditer(text):
+        out += [text[pos:m.start()], _MARKS[m.group()]]
+        pos = m.end()
+    out.append(text[pos:])
+    return out
 
 
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+PROCESS_EVENT_TEMPLATE = process_event_template()
 
 
-def uuid4_pair() -> tuple[str, str]:
-    """Two random (version 4) UUIDs as text, from one urandom call: ``str(uuid.uuid4())``
-    twice was a quarter of the cost of a message."""
-    h = os.urandom(32).hex()
-    v = _VARIANT
-    return (f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{v[h[16]]}{h[17:20]}-{h[20:32]}",
-            f"{h[32:40]}-{h[40:44]}-4{h[45:48]}-{v[h[48]]}{h[49:52]}-{h[52:]}")
+def process_event_message(event_id: str, tenant: str, task_id: str) -> str:
+    """The message the dispatch script writes, filled in by Python (tests, tools)."""
+    if not (SAFE_ARG.fullmatch(event_id) and SAFE_ARG.fullmatch(tenant)
+            and SAFE_ARG.fullmatch(task_id)):
+        raise ValueError("event ids, tenant slugs and task ids are plain tokens")
+    values = {"id": event_id, "tenant": tenant, "tid": task_id}
+    parts = PROCESS_EVENT_TEMPLATE
+    return "".join(p if i % 2 == 0 else values[p] for i, p in enumerate(parts))
 
 
-def queued_at(message: bytes | str) -> float | None:
-    """``rb_at`` of a message we wrote (None for messages from elsewhere)."""
+def message_args(message: bytes | str) -> list[Any] | None:
+    """The task arguments of a queued message we wrote (None for anything else)."""
     try:
-        value = json.loads(message)["headers"].get("rb_at")
-    except (ValueError, KeyError, TypeError, AttributeError):
+        payload = json.loads(message)
+        body = payload["body"]
+        if payload["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
-    return float(value) if isinstance(value, int | float) else None
+    return args if isinstance(args, list) else None

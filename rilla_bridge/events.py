@@ -1,11 +1,10 @@
-"""Reading received events: an event's record and its timeline (what the command line shows).
+"""Events still in progress, as Redis holds them (finished ones are only in history, SQL).
 
 Events are written by ``rilla_bridge.lifecycle``, which owns every change of their status.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis
@@ -23,14 +22,16 @@ def decode_event(raw: dict[Any, Any]) -> dict[str, Any]:
 
 
 class EventStore:
-    """Read access to the event records and timelines in Redis."""
+    """Read access to the events in progress."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
     def get(self, event_id: str) -> dict[str, Any] | None:
+        """The event's Redis record with its ``id`` (None once finished or unknown)."""
         raw = self.redis.hgetall(keys.event(event_id))
-        return decode_event(raw) if raw else None
-
-    def timeline(self, event_id: str) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.redis.lrange(keys.timeline(event_id), 0, -1)]
+        if not raw:
+            return None
+        event = decode_event(raw)
+        event["id"] = event_id
+        return event

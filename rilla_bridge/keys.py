@@ -1,31 +1,50 @@
 """Every Redis key rilla-bridge writes, named in one place.
 
+Redis holds work in progress only; history goes to SQL through the ``rb:history`` stream.
 Everything lives in the database of ``REDIS_URL``. Celery's kombu keys (``events``,
 ``callrail``, ``unacked*``, ``_kombu.*``) sit beside ours; ours all start with ``rb:``:
 
-- ``rb:ev:{id}``           hash: one received event (raw body until retention ends, status)
-- ``rb:ev:{id}:tl``        list: the event's timeline, JSON entries, same retention
-- ``rb:dedup:{src}:{tenant}:{kind}:{sha256}``  our event id for a body seen recently
-- ``rb:pending``           zset: events not finished yet, scored by when they were (re)queued
-- ``rb:retry``             zset: events waiting for a retry, scored by when it is due
-- ``rb:call:{tenant}:{src}:{call}``  hash: per-call merged state (snapshots, last delivery)
-- ``rb:lock:call:{tenant}:{src}:{call}``  hash: who delivers that call right now, and until when
-- ``rb:inflight:{tenant}`` zset: a tenant's deliveries in flight (cap per tenant)
-- ``rb:capwait:{tenant}`` zset (+ ``:msg`` hash): events waiting for a slot under that cap
-- ``rb:dlq:{id}`` / ``rb:dlq``   hash per dead letter / zset index by failure time
-- ``rb:stats``             hash: counters the web /metrics endpoint exports
-- ``rb:cr:*``              CallRail quota guard (layout in ``rilla_bridge.quota``)
-- ``rb:run:{id}``          hash: progress of one reconciliation or backfill run
-- ``rb:recon:{tenant}``    lease: the tenant's last reconciliation start
-- ``rb:sched:{job}``       lease: which scheduler copy runs a periodic job this tick
+Per event, while it is not finished (deleted when it is):
+- ``rb:ev:{id}``             hash: the raw body and what delivery needs (tenant, source, kind,
+                             attempts, the claiming worker and its lease)
+Per tenant ``{t}``:
+- ``rb:lane:{t}``            list: event ids waiting for a slot, live webhooks (head first)
+- ``rb:lane:{t}:bulk``       list: the same for replays and backfill, dispatched at a pace
+- ``rb:inflight:{t}``        zset: event id -> lease end (ms) of a dispatched or running event
+- ``rb:retry:{t}`` (``:bulk``)  zset: event id -> when its retry is due (s), per lane
+- ``rb:open:{t}``            zset: event id -> when it was received (s); every unfinished event
+Shared:
+- ``rb:ready``               zset: tenants with waiting work and a free slot -> their turn
+- ``rb:paused``              set: tenants whose delivery an operator paused
+- ``rb:tenants``             set: tenants that ever had work (what the sweeps walk)
+- ``rb:bulk``                hash: the token bucket that paces bulk work
+- ``rb:history``             stream: history records for the SQL writer (``history.records``)
+- ``rb:dd:{digest}``         our event id for a body seen within the dedup window
+- ``rb:call:{t}:{src}:{c}``  hash: a call's merged state (snapshots, resolved recordings, last
+                             delivery, version ``v``), until its history is written
+- ``rb:lock:call:{t}:{src}:{c}``  hash: who delivers that call now, and until when
+- ``rb:seen:{generation}``   bitmap: Bloom filter of calls whose state was handed to history
+- ``rb:replayed:{id}``       a dead letter replayed recently (a second replay is refused)
+- ``rb:stats``               hash: outcome counters for /metrics
+- ``rb:limit:{t}``           hash: the tenant's intake token buckets (events, bytes)
+- ``rb:readyz``              what /readyz writes to see that Redis takes writes
+- ``rb:cr:*``                CallRail quota guard (layout in ``rilla_bridge.quota``), and
+                             ``rb:cr:lookups:{t}:{hour}``: a tenant's recording lookups
+- ``rb:run:{id}``            hash: progress of one reconciliation or backfill run
+- ``rb:recon:{tenant}``      lease: the tenant's last reconciliation start
+- ``rb:sched:{job}``         lease: which scheduler copy runs a periodic job this tick
 """
 
 from __future__ import annotations
 
-PENDING = "rb:pending"
-RETRY = "rb:retry"
-DLQ_INDEX = "rb:dlq"
+READY = "rb:ready"
+PAUSED = "rb:paused"
+TENANTS = "rb:tenants"
+BULK_BUCKET = "rb:bulk"
+HISTORY = "rb:history"
+HISTORY_GROUP = "history"
 STATS = "rb:stats"
+READY_PROBE = "rb:readyz"
 QUOTA_PREFIX = "rb:cr"
 
 
@@ -33,12 +52,36 @@ def event(event_id: str) -> str:
     return f"rb:ev:{event_id}"
 
 
-def timeline(event_id: str) -> str:
-    return f"rb:ev:{event_id}:tl"
+def lane(tenant: str) -> str:
+    return f"rb:lane:{tenant}"
 
 
-def dedup(source: str, tenant: str, kind: str, digest: str) -> str:
-    return f"rb:dedup:{source}:{tenant}:{kind}:{digest}"
+def bulk_lane(tenant: str) -> str:
+    return f"rb:lane:{tenant}:bulk"
+
+
+def inflight(tenant: str) -> str:
+    return f"rb:inflight:{tenant}"
+
+
+def retry(tenant: str) -> str:
+    return f"rb:retry:{tenant}"
+
+
+def bulk_retry(tenant: str) -> str:
+    return f"rb:retry:{tenant}:bulk"
+
+
+def open_events(tenant: str) -> str:
+    return f"rb:open:{tenant}"
+
+
+def intake_limit(tenant: str) -> str:
+    return f"rb:limit:{tenant}"
+
+
+def dedup(digest: str) -> str:
+    return f"rb:dd:{digest}"
 
 
 def call(tenant: str, source: str, call_id: str) -> str:
@@ -49,20 +92,16 @@ def call_lock(tenant: str, source: str, call_id: str) -> str:
     return f"rb:lock:call:{tenant}:{source}:{call_id}"
 
 
-def inflight(tenant: str) -> str:
-    return f"rb:inflight:{tenant}"
+def seen(generation: int) -> str:
+    return f"rb:seen:{generation}"
 
 
-def cap_wait(tenant: str) -> str:
-    return f"rb:capwait:{tenant}"
+def replayed(event_id: str) -> str:
+    return f"rb:replayed:{event_id}"
 
 
-def cap_wait_messages(tenant: str) -> str:
-    return f"rb:capwait:{tenant}:msg"
-
-
-def dead_letter(event_id: str) -> str:
-    return f"rb:dlq:{event_id}"
+def lookups(tenant: str, hour: int) -> str:
+    return f"rb:cr:lookups:{tenant}:{hour}"
 
 
 def run(run_id: str) -> str:

@@ -14,6 +14,9 @@ _SENSITIVE_KEY = re.compile(
     r"(signature|token|api[-_]?key|authorization|secret|password|cookie|access_key|x-api-key|"
     r"signing_key|body|data)", re.IGNORECASE)
 _ACCESS_KEY = re.compile(r"(access_key=)[^&\s\"']+", re.IGNORECASE)
+# Callingly recording links are bearer links: their path is the secret (cdn.callingly.com).
+_CALLINGLY_LINK = re.compile(r"(https?:\\?/\\?/[a-z0-9.-]*callingly\.com)[^\s\"'<>]*",
+                             re.IGNORECASE)
 FILTERED = "[Filtered]"
 
 
@@ -64,7 +67,7 @@ _known_secrets: list[str] = []
 def register_secrets(values: Iterable[str]) -> None:
     """Secrets (tenant keys, tokens) that must be masked wherever they would be printed."""
     for v in values:
-        if v and len(v) >= 6 and v not in _known_secrets:
+        if v and v not in _known_secrets:
             _known_secrets.append(v)
     _known_secrets.sort(key=len, reverse=True)
 
@@ -73,7 +76,10 @@ def redact_text(text: str) -> str:
     for s in _known_secrets:
         if s in text:
             text = text.replace(s, FILTERED)
-    if "access_key" not in text.casefold():   # the regex costs ten times this test
+    folded = text.casefold()
+    if "callingly.com" in folded:
+        text = _CALLINGLY_LINK.sub(r"\1/" + FILTERED, text)
+    if "access_key" not in folded:   # the regex costs ten times this test
         return text
     return _ACCESS_KEY.sub(r"\1" + FILTERED, text)
 
@@ -116,6 +122,9 @@ def init_sentry(dsn: str, *, environment: str, component: str, **extra: Any) -> 
         # PII stays off by default; passing send_default_pii at all is deprecated (sentry-sdk 2.x)
         max_request_body_size="never",
         include_local_variables=False,
+        # No sentry-trace / baggage headers on requests to Rilla or CallRail: they carry the
+        # DSN's public key and our release to third parties.
+        trace_propagation_targets=[],
         before_send=_before_send,  # type: ignore[arg-type]
         **extra,
     )

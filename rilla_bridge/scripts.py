@@ -11,10 +11,8 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import redis
-from redis.commands.core import Script
 
 LUA_DIR = Path(__file__).with_name("lua")
 _INCLUDE = re.compile(r"^--#include (lib/[a-z_]+)$", re.MULTILINE)
@@ -31,20 +29,23 @@ class Scripts:
     """The scripts, registered on ``client`` (each runs by EVALSHA, loading itself once)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.intake = self._load(client, "intake")
-        self.replay = self._load(client, "replay")
-        self.snapshot_acquire = self._load(client, "snapshot_acquire")
-        self.wait = self._load(client, "wait")
-        self.release = self._load(client, "release")
-        self.requeue = self._load(client, "requeue")
-        self.lease = self._load(client, "lease")
-        self.quota = self._load(client, "quota")
-
-    @staticmethod
-    def _load(client: redis.Redis, name: str) -> Script:
-        return client.register_script(source(name))
-
-
-def run(script: Script, keys: list[str], args: list[Any], client: Any = None) -> Any:
-    """Call ``script`` (on ``client``, e.g. a pipeline, when given)."""
-    return script(keys=keys, args=args, client=client)
+        load = client.register_script
+        # an event's life (rilla_bridge/lifecycle.py)
+        self.intake = load(source("intake"))
+        self.limit = load(source("limit"))
+        self.claim = load(source("claim"))
+        self.settle = load(source("settle"))
+        self.requeue = load(source("requeue"))
+        self.replay = load(source("replay"))
+        self.renew = load(source("renew"))
+        # fair dispatch between tenants (rilla_bridge/lanes.py)
+        self.dispatch = load(source("dispatch"))
+        self.due = load(source("due"))
+        self.recover = load(source("recover"))
+        # a call's state (rilla_bridge/calls.py)
+        self.snapshot_acquire = load(source("snapshot_acquire"))
+        self.restore = load(source("restore"))
+        self.forget = load(source("forget"))
+        # leases and the CallRail quota
+        self.lease = load(source("lease"))
+        self.quota = load(source("quota"))

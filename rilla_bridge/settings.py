@@ -10,9 +10,11 @@ references of the tenants file (``rilla_bridge.tenants``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 
 class ConfigError(Exception):
@@ -44,6 +46,43 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return env.get(name, "").strip() or default
 
 
+DEFAULT_DATABASE_URL = "sqlite:///rilla-bridge.db"   # a file in the working directory
+_PG_SCHEMES = ("postgres://", "postgresql://", "postgresql+psycopg://")
+
+
+def database_url(raw: str) -> str:
+    """``DATABASE_URL`` as SQLAlchemy takes it: Heroku's ``postgres://`` and plain
+    ``postgresql://`` use the psycopg 3 driver; ``sqlite:///path`` is kept; unset = SQLite."""
+    raw = raw.strip()
+    if not raw:
+        return DEFAULT_DATABASE_URL
+    if raw.startswith(_PG_SCHEMES):
+        return "postgresql+psycopg://" + raw.split("://", 1)[1]
+    if raw.startswith("sqlite:///"):
+        return raw
+    scheme = raw.split("://", 1)[0] if "://" in raw else raw[:12]
+    raise ConfigError(f"DATABASE_URL must start with postgres://, postgresql:// or sqlite:///, "
+                      f"got {scheme!r}")
+
+
+_QUERY_PASSWORD = re.compile(r"(password=)[^&]*", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """A database URL for messages: the password (in the user part or a ``password=``
+    parameter) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    user, at, host = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    elif not (at or "password=" in parts.query.lower()):
+        return url   # nothing secret (and urlunsplit would drop sqlite:///'s empty host)
+    return urlunsplit(parts._replace(query=_QUERY_PASSWORD.sub(r"\1***", parts.query)))
+
+
 @dataclass(frozen=True)
 class Settings:
     # -- SPEC names (fixed) --------------------------------------------------
@@ -63,17 +102,30 @@ class Settings:
     # -- our own (documented in the README) -----------------------------------
     redis_tls_cert_reqs: str = "required"  # required | optional | none (Heroku: none)
     dedup_window_seconds: int = 86400
-    event_retention_seconds: int = 7 * 86400
     max_body_bytes: int = 1024 * 1024
     environment: str = "production"   # Sentry's environment tag
     # Celery/kombu: a message not acked this long after a worker took it is handed out again.
     visibility_timeout_seconds: int = 60
-    # Events still pending this long (nothing finished them) are enqueued again by the scheduler.
-    stale_pending_seconds: int = 90
     rilla_connect_timeout: float = 3.05
     rilla_read_timeout: float = 20.0
-    # At most this many deliveries of one tenant in flight at once, across all workers.
+    # At most this many deliveries of one tenant in flight at once, across all workers (a
+    # tenant's own ``max_inflight`` in the tenants file wins).
     tenant_max_inflight: int = 128
+    # Each tenant's intake limit (a tenant's own in the tenants file wins): events per second
+    # (with two seconds of burst) and body MiB per minute; over it a webhook gets 429.
+    tenant_intake_per_second: float = 200.0
+    tenant_intake_mib_per_minute: float = 64.0
+    # Dispatched events waiting in Celery's queue at most; beyond, tenants wait their turn in
+    # their lanes (fair between tenants). About the worker slots of one or two processes.
+    dispatch_queue_max: int = 400
+    # A running delivery holds its slot and its call's lock under this lease, renewed by the
+    # worker's heartbeat: a dead worker's work is back in progress within about a lease.
+    delivery_lease_seconds: float = 8.0
+    # Replays and backfill leave their bulk lanes at most this fast (events/s, all tenants).
+    bulk_rate_per_second: float = 50.0
+    # Calls whose state went to history in one generation (the history retention): sizes the
+    # Bloom filter that tells a late event to reload its call (about 1.2 bytes per call).
+    seen_calls_capacity: int = 300_000
     # CallRail API timeouts (seconds): one request per quota token, so a hung one is a retry.
     callrail_connect_timeout: float = 3.05
     callrail_read_timeout: float = 20.0
@@ -82,12 +134,24 @@ class Settings:
     callrail_hour_seconds: int = 3600
     callrail_day_seconds: int = 86400
     callrail_pause_base_seconds: float = 60.0
+    # Most of a CallRail account's hourly budget one tenant's recording lookups may use (when
+    # several tenants share an account, one of them cannot spend it all).
+    callrail_tenant_lookup_share: float = 0.5
     reconcile_budget_share: float = 0.2
     backfill_budget_share: float = 0.5
     reconcile_interval_seconds: int = 900
     reconcile_lookback_seconds: int = 2 * 86400
     # Calls younger than this are left to their webhook (post-call fires up to 20 min late).
     reconcile_settle_seconds: int = 1800
+    # History database (SQLAlchemy URL, see ``database_url``); never printed: use ``mask_url``.
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    history_retention_days: int = 30
+    history_batch: int = 500   # stream entries the history process writes per transaction
+
+    @property
+    def database_url_masked(self) -> str:
+        """``database_url`` safe for messages and logs (no password)."""
+        return mask_url(self.database_url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -110,18 +174,23 @@ class Settings:
             callrail_daily_limit=_int(e, "CALLRAIL_DAILY_LIMIT", cls.callrail_daily_limit),
             redis_tls_cert_reqs=_str(e, "REDIS_TLS_CERT_REQS", cls.redis_tls_cert_reqs).lower(),
             dedup_window_seconds=_int(e, "DEDUP_WINDOW_SECONDS", cls.dedup_window_seconds),
-            event_retention_seconds=_int(
-                e, "EVENT_RETENTION_SECONDS", cls.event_retention_seconds
-            ),
             max_body_bytes=cls.max_body_bytes,
             environment=_str(e, "ENVIRONMENT", cls.environment),
             visibility_timeout_seconds=_int(
                 e, "VISIBILITY_TIMEOUT_SECONDS", cls.visibility_timeout_seconds
             ),
-            stale_pending_seconds=_int(e, "STALE_PENDING_SECONDS", cls.stale_pending_seconds),
             rilla_connect_timeout=_float(e, "RILLA_CONNECT_TIMEOUT", cls.rilla_connect_timeout),
             rilla_read_timeout=_float(e, "RILLA_READ_TIMEOUT", cls.rilla_read_timeout),
             tenant_max_inflight=_int(e, "TENANT_MAX_INFLIGHT", cls.tenant_max_inflight),
+            dispatch_queue_max=_int(e, "DISPATCH_QUEUE_MAX", cls.dispatch_queue_max),
+            tenant_intake_per_second=_float(
+                e, "TENANT_INTAKE_PER_SECOND", cls.tenant_intake_per_second),
+            tenant_intake_mib_per_minute=_float(
+                e, "TENANT_INTAKE_MIB_PER_MINUTE", cls.tenant_intake_mib_per_minute),
+            delivery_lease_seconds=_float(
+                e, "DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds),
+            bulk_rate_per_second=_float(e, "BULK_RATE_PER_SECOND", cls.bulk_rate_per_second),
+            seen_calls_capacity=_int(e, "SEEN_CALLS_CAPACITY", cls.seen_calls_capacity),
             callrail_connect_timeout=_float(
                 e, "CALLRAIL_CONNECT_TIMEOUT", cls.callrail_connect_timeout),
             callrail_read_timeout=_float(e, "CALLRAIL_READ_TIMEOUT", cls.callrail_read_timeout),
@@ -134,6 +203,8 @@ class Settings:
                 e, "RECONCILE_BUDGET_SHARE", cls.reconcile_budget_share
             ),
             backfill_budget_share=_float(e, "BACKFILL_BUDGET_SHARE", cls.backfill_budget_share),
+            callrail_tenant_lookup_share=_float(
+                e, "CALLRAIL_TENANT_LOOKUP_SHARE", cls.callrail_tenant_lookup_share),
             reconcile_interval_seconds=_int(
                 e, "RECONCILE_INTERVAL_SECONDS", cls.reconcile_interval_seconds
             ),
@@ -143,6 +214,9 @@ class Settings:
             reconcile_settle_seconds=_int(
                 e, "RECONCILE_SETTLE_SECONDS", cls.reconcile_settle_seconds
             ),
+            database_url=database_url(e.get("DATABASE_URL", "")),
+            history_retention_days=_int(e, "HISTORY_RETENTION_DAYS", cls.history_retention_days),
+            history_batch=_int(e, "HISTORY_BATCH", cls.history_batch),
         )
         s.validate()
         return s
@@ -160,3 +234,5 @@ class Settings:
             raise ConfigError("RETRY_BASE_SECONDS must be positive")
         if not 0 < self.reconcile_budget_share <= 1 or not 0 < self.backfill_budget_share <= 1:
             raise ConfigError("budget shares must be between 0 and 1")
+        if self.history_retention_days < 1 or self.history_batch < 1:
+            raise ConfigError("HISTORY_RETENTION_DAYS and HISTORY_BATCH must be at least 1")

@@ -1,7 +1,9 @@
 """The tenants file: one TOML table per client business.
 
 ``${NAME}`` in any string is replaced by that environment variable; a missing variable, an
-unknown key, a bad slug or a missing secret is one ``ConfigError`` naming the tenant and key.
+unknown key, a bad slug, a missing or short secret is one ``ConfigError`` naming the tenant
+and key. A CallRail signing key or a Callingly token may be a list of two during a rotation:
+either verifies.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ SLUG_RE = re.compile(r"^[a-z0-9-]+$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+MIN_SECRET_CHARS = 16   # shorter ones can be guessed (a 2-character token fell in 192 tries)
+
+
 @dataclass(frozen=True)
 class CallRailConfig:
-    signing_key: str
+    signing_keys: tuple[str, ...]   # one, or two while the company's key is rotated
     account_id: str | None = None
     company_id: str | None = None
     api_key: str | None = None
@@ -33,7 +38,7 @@ class CallRailConfig:
 
 @dataclass(frozen=True)
 class CallinglyConfig:
-    webhook_token: str
+    webhook_tokens: tuple[str, ...]  # one, or two while the token is rotated
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,16 @@ class Tenant:
     users: Mapping[str, str] = field(default_factory=dict)
     callrail: CallRailConfig | None = None
     callingly: CallinglyConfig | None = None
+    # Fair delivery (rilla_bridge/lanes.py): a tenant of weight 2 gets twice the turns of a
+    # tenant of weight 1 when both have work waiting; max_inflight overrides
+    # TENANT_MAX_INFLIGHT for this tenant.
+    weight: float = 1.0
+    max_inflight: int | None = None
+    # Intake limit (events per second, body MiB per minute); None: the settings' defaults.
+    intake_per_second: float | None = None
+    intake_mib_per_minute: float | None = None
+    # Hosts (besides public https hosts) a recording URL may point at, e.g. an internal CDN.
+    recording_hosts: tuple[str, ...] = ()
 
     def rep_email(self, agent_email: str | None) -> str | None:
         """The Rilla rep for a call: mapped agent email, the agent email, else the default."""
@@ -56,14 +71,15 @@ class Tenant:
     def secrets(self) -> list[str]:
         out = [self.rilla_api_key]
         if self.callrail:
-            out += [self.callrail.signing_key, self.callrail.api_key or ""]
+            out += [*self.callrail.signing_keys, self.callrail.api_key or ""]
         if self.callingly:
-            out.append(self.callingly.webhook_token)
+            out += list(self.callingly.webhook_tokens)
         return [s for s in out if s]
 
 
 _TENANT_KEYS = {
     "rilla_api_key", "default_user_email", "deliver_unrecorded", "users", "callrail", "callingly",
+    "weight", "max_inflight", "intake_per_second", "intake_mib_per_minute", "recording_hosts",
 }
 _CALLRAIL_KEYS = {"signing_key", "account_id", "company_id", "api_key"}
 _CALLINGLY_KEYS = {"webhook_token"}
@@ -97,6 +113,33 @@ def _required_str(table: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where}: {key} is required and must be a non-empty string")
     return value.strip()
+
+
+def _secret(value: str, name: str, where: str) -> str:
+    if len(value) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{where}: {name} is {len(value)} characters; secrets need at least "
+                          f"{MIN_SECRET_CHARS} (generate one: openssl rand -hex 24)")
+    return value
+
+
+def _secrets(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    """A secret, or a list of two during a rotation (either verifies)."""
+    value = table.get(key)
+    raw = value if isinstance(value, list) else [value]
+    values = [v.strip() for v in raw if isinstance(v, str) and v.strip()]
+    if not 1 <= len(raw) <= 2 or len(values) != len(raw):
+        raise ConfigError(f"{where}: {key} is required: a non-empty string, or a list of two "
+                          "while it is being rotated")
+    return tuple(_secret(v, key, where) for v in values)
+
+
+def _positive(raw: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: {key} must be a number above 0")
+    return float(value)
 
 
 def _optional_str(table: Mapping[str, Any], key: str, where: str) -> str | None:
@@ -134,14 +177,22 @@ def _tenant(slug: str, raw: Any, env: Mapping[str, str]) -> Tenant:
         if not isinstance(cr, dict):
             raise ConfigError(f"{cw}: must be a table")
         _check_keys(cr, _CALLRAIL_KEYS, cw)
+        api_key = _optional_str(cr, "api_key", cw)
         callrail = CallRailConfig(
-            signing_key=_required_str(cr, "signing_key", cw),
+            signing_keys=_secrets(cr, "signing_key", cw),
             account_id=_optional_str(cr, "account_id", cw),
             company_id=_optional_str(cr, "company_id", cw),
-            api_key=_optional_str(cr, "api_key", cw),
+            api_key=_secret(api_key, "api_key", cw) if api_key else None,
         )
         if bool(callrail.account_id) != bool(callrail.api_key):
             raise ConfigError(f"{cw}: account_id and api_key go together (both or neither)")
+    weight = raw.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 100:
+        raise ConfigError(f"{where}: weight must be a number above 0 (at most 100)")
+    max_inflight = raw.get("max_inflight")
+    if max_inflight is not None and (isinstance(max_inflight, bool)
+                                     or not isinstance(max_inflight, int) or max_inflight < 1):
+        raise ConfigError(f"{where}: max_inflight must be a whole number of at least 1")
     callingly = None
     if "callingly" in raw:
         cg = raw["callingly"]
@@ -149,16 +200,25 @@ def _tenant(slug: str, raw: Any, env: Mapping[str, str]) -> Tenant:
         if not isinstance(cg, dict):
             raise ConfigError(f"{gw}: must be a table")
         _check_keys(cg, _CALLINGLY_KEYS, gw)
-        callingly = CallinglyConfig(webhook_token=_required_str(cg, "webhook_token", gw))
+        callingly = CallinglyConfig(webhook_tokens=_secrets(cg, "webhook_token", gw))
+    hosts = raw.get("recording_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise ConfigError(f"{where}: recording_hosts must be a list of host names")
 
     return Tenant(
         slug=slug,
-        rilla_api_key=_required_str(raw, "rilla_api_key", where),
+        rilla_api_key=_secret(_required_str(raw, "rilla_api_key", where), "rilla_api_key",
+                              where),
         default_user_email=_optional_str(raw, "default_user_email", where),
         deliver_unrecorded=deliver_unrecorded,
         users={k.strip().lower(): v.strip() for k, v in users_raw.items()},
         callrail=callrail,
         callingly=callingly,
+        weight=float(weight),
+        max_inflight=max_inflight,
+        intake_per_second=_positive(raw, "intake_per_second", where),
+        intake_mib_per_minute=_positive(raw, "intake_mib_per_minute", where),
+        recording_hosts=tuple(h.strip().lower() for h in hosts),
     )
 
 
@@ -177,7 +237,32 @@ def parse_tenants(text: str, env: Mapping[str, str] | None = None) -> dict[str, 
         # A file caught half-written (truncated, then filled) reads as no tenants at all; a
         # worker that accepted that would dead-letter every event as "unknown tenant".
         raise ConfigError("tenants file defines no tenants (add a [tenants.<slug>] table)")
-    return {slug: _tenant(slug, raw, env) for slug, raw in tenants.items()}
+    parsed = {slug: _tenant(slug, raw, env) for slug, raw in tenants.items()}
+    _check_shared_accounts(parsed)
+    return parsed
+
+
+def _check_shared_accounts(tenants: Mapping[str, Tenant]) -> None:
+    """Tenants sharing a CallRail account must each name their company: reconciliation lists
+    the account's calls by company, and without one a tenant would take another's calls."""
+    by_account: dict[str, list[Tenant]] = {}
+    for t in tenants.values():
+        if t.callrail and t.callrail.account_id:
+            by_account.setdefault(t.callrail.account_id, []).append(t)
+    for account, group in sorted(by_account.items()):
+        if len(group) < 2:
+            continue
+        names = ", ".join(sorted(t.slug for t in group))
+        missing = sorted(t.slug for t in group if not t.callrail or not t.callrail.company_id)
+        if missing:
+            raise ConfigError(
+                f"tenants {names} share CallRail account {account}, so each must name its "
+                f"company_id; missing for: {', '.join(missing)} (without it reconciliation "
+                "would copy one tenant's calls into another's Rilla)")
+        companies = [t.callrail.company_id for t in group if t.callrail]
+        if len(set(companies)) != len(companies):
+            raise ConfigError(f"tenants {names} share CallRail account {account} and name the "
+                              "same company_id twice")
 
 
 def load_tenants(path: str, env: Mapping[str, str] | None = None) -> dict[str, Tenant]:
@@ -189,10 +274,13 @@ def load_tenants(path: str, env: Mapping[str, str] | None = None) -> dict[str, T
     return parse_tenants(text, env)
 
 
-def mask(secret: str | None) -> str:
-    """What an operator may see of a secret: its length and last two characters at most."""
+def mask(secret: str | tuple[str, ...] | None) -> str:
+    """What an operator may see of a secret (or a rotation pair): its length and last two
+    characters at most, and nothing of a short one."""
+    if isinstance(secret, tuple):
+        return " + ".join(mask(s) for s in secret) if secret else "(unset)"
     if not secret:
         return "(unset)"
-    if len(secret) < 12:
+    if len(secret) < MIN_SECRET_CHARS:
         return "****"
     return f"****{secret[-2:]} ({len(secret)} chars)"

@@ -7,6 +7,7 @@ real client over the fake and over the sandbox, so the fake stays honest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from datetime import datetime
@@ -20,6 +21,16 @@ from sentry_sdk.transport import Transport
 
 from rilla_bridge.clients.rilla import RillaResult, classify
 from rilla_bridge.clock import FakeClock
+from rilla_bridge.history.records import (
+    AUDIT,
+    CALL,
+    DEAD,
+    HANDLED,
+    RECEIVED,
+    STEP,
+    Record,
+    encode,
+)
 from rilla_bridge.providers import parse_event
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant, parse_tenants
@@ -176,7 +187,7 @@ def make_runtime(client: redis.Redis, clock: FakeClock | None = None,
                  tenants: str = TENANTS, **settings: Any) -> Runtime:
     """A worker Runtime over ``client`` with a FakeRilla, a FakeClock and test settings."""
     values: dict[str, Any] = {"retry_base_seconds": 5.0, "retry_max_delay_seconds": 60.0,
-                              "retry_max_age_seconds": 3600.0, "stale_pending_seconds": 10}
+                              "retry_max_age_seconds": 3600.0}
     values.update(settings)
     return build_runtime(Settings(**values), client=client,
                          tenants=parse_tenants(tenants, env={}), clock=clock or FakeClock(),
@@ -244,3 +255,90 @@ class CapturingTransport(Transport):
 
     def kill(self) -> None:
         return None
+
+
+# -- history records --------------------------------------------------------------------------
+class HistoryRecords:
+    """History records as ``rilla_bridge.lifecycle`` appends them to the ``rb:history`` stream
+    (``rilla_bridge.history.records``), with stream ids that grow with each record and times
+    from ``clock``. ``xadd`` puts one on a Redis stream as the lead's scripts do."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.last = (0, 0)
+
+    def next_id(self) -> str:
+        ms = int(self.clock.now() * 1000)
+        self.last = (ms, self.last[1] + 1) if ms <= self.last[0] else (ms, 0)
+        return f"{self.last[0]}-{self.last[1]}"
+
+    def received(self, event_id: str, body: dict[str, Any] | None = None, *,
+                 tenant: str = "acme", source: str = "callrail", kind: str = "post_call",
+                 call_id: str | None = None, status: str = "queued", kept: bool = True,
+                 lane: str = "live") -> Record:
+        raw = json.dumps(body if body is not None else load("callrail", "post_call")).encode()
+        if call_id is None and body is None:
+            call_id = load("callrail", "post_call")["resource_id"]
+        data = {"id": event_id, "tenant": tenant, "source": source, "kind": kind,
+                "call_id": call_id, "received_at": self.clock.now(), "size": len(raw),
+                "sha256": hashlib.sha256(raw).hexdigest(), "status": status, "note": "",
+                "lane": lane, "kept": kept}
+        return Record(self.next_id(), RECEIVED, data, raw if kept else None)
+
+    def step(self, event_id: str, status: str | None = None, *,
+             tl: list[dict[str, Any]] | None = None, **columns: Any) -> Record:
+        now = self.clock.now()
+        entries = [{"t": now, **e} for e in (tl if tl is not None else [])]
+        return Record(self.next_id(), STEP, {"id": event_id, "at": now, "status": status,
+                                             "set": columns, "tl": entries})
+
+    def attempt(self, event_id: str, n: int, http_status: int, status: str | None = None,
+                **columns: Any) -> Record:
+        now = self.clock.now()
+        return self.step(event_id, status, tl=[
+            {"what": "attempt", "n": n, "op": "upsert", "status": http_status, "ms": 80}],
+            attempts=n, last_attempt_at=now, last_status=http_status, **columns)
+
+    def dead(self, event_id: str, *, tenant: str = "acme", source: str = "callrail",
+             reason_code: str = "rilla_rejected", reason: str = "User email is not in Rilla",
+             status_code: int | None = 422, attempts: int = 1, call_id: str = "CAL1",
+             payload: dict[str, Any] | None = None) -> Record:
+        now = self.clock.now()
+        payload = payload or {"event_id": f"{source}-{call_id}"}
+        return Record(self.next_id(), DEAD, {
+            "id": event_id, "tenant": tenant, "source": source, "kind": "post_call",
+            "call_id": call_id, "rilla_event_id": f"{source}-{call_id}",
+            "reason_code": reason_code, "reason": reason, "status_code": status_code,
+            "response_body": reason, "attempts": attempts, "first_failure_at": now,
+            "failed_at": now, "payload": json.dumps(payload)})
+
+    def handled(self, event_id: str, how: str = "replayed", by: str = "cli") -> Record:
+        return Record(self.next_id(), HANDLED, {"id": event_id, "how": how,
+                                                "at": self.clock.now(), "by": by})
+
+    def call(self, call_id: str, version: int, state: dict[str, str] | None = None, *,
+             tenant: str = "acme", source: str = "callrail") -> Record:
+        return Record(self.next_id(), CALL, {
+            "tenant": tenant, "source": source, "call_id": call_id, "version": version,
+            "state": state if state is not None else {"s:ev_x": "{}", "v": str(version)}})
+
+    def audit(self, action: str = "replay", count: int = 1) -> Record:
+        return Record(self.next_id(), AUDIT, {"at": self.clock.now(), "actor": "cli:test",
+                                              "action": action, "selection": {"all": True},
+                                              "count": count, "detail": ""})
+
+    def delivered_event(self, event_id: str, body: dict[str, Any] | None = None,
+                        **received: Any) -> list[Record]:
+        """An event's whole ordinary life: received, one attempt (200), delivered."""
+        first = self.received(event_id, body, **received)
+        self.clock.advance(1)
+        return [first, self.attempt(event_id, 1, 200, "delivered", last_payload={"ok": 1})]
+
+
+def xadd_record(client: redis.Redis, record: Record, stream: str = "rb:history") -> str:
+    """Append ``record`` to the history stream as lifecycle does (Redis picks the id)."""
+    fields: dict[Any, Any] = {"r": record.type, "d": encode(record.data)}
+    if record.body:
+        fields["b"] = record.body
+    sid = client.xadd(stream, fields)
+    return sid.decode() if isinstance(sid, bytes) else str(sid)

@@ -31,6 +31,8 @@ BIN = Path(sys.executable).parent
 # their warm shutdown takes seconds (so does the cold one, SIGQUIT), and nothing a test checks
 # happens after ``stop`` (the test's data goes with it).
 STOP_GRACE_SECONDS = 2.0
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 TENANTS = """\
 [tenants.acme]
@@ -70,6 +72,18 @@ class System:
     callrail_port: int = field(default_factory=free_port)
     starting: dict[str, tuple[Callable[[], bool], float]] = field(default_factory=dict)
     workers: set[str] = field(default_factory=set)   # Celery workers (not waited for by stop)
+    database_url: str = ""    # the history database; default: a SQLite file in the work dir
+    _history: History | None = None
+
+    def __post_init__(self) -> None:
+        self.database_url = self.database_url or f"sqlite:///{self.workdir / 'history.db'}"
+
+    @property
+    def history(self) -> History:
+        """Reading this system's history database (what the command line and console read)."""
+        if self._history is None:
+            self._history = History(self.database_url)
+        return self._history
 
     @property
     def web(self) -> str:
@@ -96,6 +110,8 @@ class System:
             "RETRY_BASE_SECONDS": "0.5",
             "RETRY_MAX_DELAY_SECONDS": "2",
             "PYTHONPATH": str(ROOT),
+            "DATABASE_URL": self.database_url,
+            "ADMIN_TOKEN": ADMIN_TOKEN,
             "PROMETHEUS_MULTIPROC_DIR": "",
         })
         env.pop("PROMETHEUS_MULTIPROC_DIR")
@@ -187,6 +203,15 @@ class System:
         if wait:
             self.ready()
 
+    def start_history(self, name: str = "history", wait: bool = True) -> None:
+        """The history database brought to the current schema, then the history process."""
+        subprocess.run([str(BIN / "rilla-bridge"), "db", "upgrade"], env=self.env(), cwd=ROOT,
+                       check=True, capture_output=True, timeout=120)
+        self._spawn(name, [str(BIN / "rilla-bridge"), "history"],
+                    self._logged(name, b"history started"))
+        if wait:
+            self.ready()
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
         self.starting.pop(name, None)
@@ -212,6 +237,9 @@ class System:
         self.procs.clear()
         self.starting.clear()
         self.workers.clear()
+        if self._history is not None:
+            self._history.close()
+            self._history = None
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
@@ -234,6 +262,52 @@ class System:
         r = requests.request(method, f"{self.rilla}/_sandbox/{path}", timeout=10, **kw)
         r.raise_for_status()
         return r.json() if r.content else None
+
+
+class History:
+    """The history database of a running system, read as the operator tools read it."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.pool import NullPool
+
+        from rilla_bridge.history.db import make_engine
+        from rilla_bridge.settings import Settings
+
+        self.engine = make_engine(Settings(database_url=url), poolclass=NullPool)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """``queries.event``: the record, timeline, dead letters and call (None: not there)."""
+        from rilla_bridge.history import queries
+        from rilla_bridge.history.db import reading
+
+        try:
+            with reading(self.engine) as conn:
+                return queries.event(conn, event_id)
+        except Exception:   # the history process has not created the tables yet
+            return None
+
+    def status(self, event_id: str) -> str | None:
+        found = self.event(event_id)
+        return str(found["event"]["status"]) if found else None
+
+    def timeline(self, event_id: str) -> list[str]:
+        found = self.event(event_id)
+        return [e["what"] for e in found["timeline"]] if found else []
+
+    def open_dead_letters(self) -> list[dict[str, Any]]:
+        """Open dead letters, oldest first (the rows ``dlq list`` shows)."""
+        from rilla_bridge.history import queries
+        from rilla_bridge.history.db import reading
+
+        try:
+            with reading(self.engine) as conn:
+                page = queries.dead_letters_page(conn, queries.DeadLetterFilter())
+        except Exception:
+            return []
+        return list(page.rows)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

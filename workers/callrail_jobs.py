@@ -115,7 +115,12 @@ def run(rt: Runtime, job: dict[str, Any]) -> str:
         rt.redis.hset(keys.run(job["run"]), mapping={
             "total": int(result.data["total_records"]), "counted": 1})
         return "counted"
-    return _page_done(rt, tenant, account, job, result.data)
+    try:
+        return _page_done(rt, tenant, account, job, result.data)
+    except HistoryUnavailable as exc:
+        # The page goes back through the guard (a repeat costs one request; its calls fed
+        # already are answered as duplicates): the run finishes once history answers.
+        return _resubmit(rt, account, job, str(exc))
 
 
 def _recording_done(rt: Runtime, job: dict[str, Any], data: dict[str, Any]) -> str:
@@ -124,6 +129,24 @@ def _recording_done(rt: Runtime, job: dict[str, Any], data: dict[str, Any]) -> s
         return _give_up(rt, job, "CallRail recording.json had no usable url")
     rt.recordings.resolved(job, url)
     return "resolved"
+
+
+class HistoryUnavailable(Exception):
+    """The history database did not answer whether a call is known."""
+
+
+def _known(rt: Runtime, tenant: str, call_id: str) -> bool:
+    """Whether a webhook (or an earlier run) brought this call: in progress in Redis, or
+    handed to history (the filter may say yes wrongly; history then says no)."""
+    if rt.calls.in_redis(tenant, callrail.NAME, call_id):
+        return True
+    if not rt.calls.maybe_in_history(tenant, callrail.NAME, call_id):
+        return False
+    try:
+        return rt.call_history(tenant, callrail.NAME, call_id) is not None
+    except Exception as exc:  # the database's own errors vary by driver
+        raise HistoryUnavailable(f"history database unavailable ({type(exc).__name__})"
+                                 ) from exc
 
 
 def _page_done(rt: Runtime, tenant: Tenant, account: str, job: dict[str, Any],
@@ -136,12 +159,12 @@ def _page_done(rt: Runtime, tenant: Tenant, account: str, job: dict[str, Any],
         if not isinstance(cid, str) or not cid:
             continue
         # A webhook (or an earlier run) already brought this call: never deliver it twice.
-        if rt.calls.known(tenant.slug, callrail.NAME, cid):
+        if _known(rt, tenant.slug, cid):
             continue
         stored = rt.lifecycle.receive(
             source="callrail", tenant=tenant.slug, kind="api_call",
-            body=json.dumps(call, sort_keys=True).encode(), call_id=cid,
-            extra={"lane": lane, "note": f"found by {lane} run {job.get('run')}"})
+            body=json.dumps(call, sort_keys=True).encode(), call_id=cid, lane=lane,
+            note=f"found by {lane} run {job.get('run')}")
         fed += 0 if stored.duplicate else 1
     rk = keys.run(job["run"])
     with rt.redis.pipeline() as pipe:
@@ -197,8 +220,7 @@ def _take_and_send(rt: Runtime, guard: QuotaGuard, account: str) -> int:
         return 0
     with rt.redis.pipeline(transaction=False) as pipe:
         for job in jobs:
-            pipe.lpush(QUEUE_CALLRAIL, task_message(TASK_CALLRAIL_JOB, [job], QUEUE_CALLRAIL,
-                                                    rt.clock.now()))
+            pipe.lpush(QUEUE_CALLRAIL, task_message(TASK_CALLRAIL_JOB, [job], QUEUE_CALLRAIL))
         pipe.execute()
     return len(jobs)
 

@@ -49,6 +49,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
+        # Redis refusing writes (OutOfMemoryError, a ResponseError: a "channel error") must not
+        # end the worker ("Unrecoverable error"): the consumer reconnects and resumes by itself
+        # once memory frees, instead of a crash loop under the platform's restarts.
+        broker_channel_error_retry=True,
         broker_connection_max_retries=None,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_seconds,

@@ -1,9 +1,9 @@
 """What a worker does with one event: plain functions the Celery task hands over to.
 
-receive -> parse (the provider's schema) -> merge into the call's state -> build the Rilla
-action -> deliver under the call's lock -> record the outcome: delivered, skipped, retry
-scheduled or dead-lettered. Every outcome is a step of ``rilla_bridge.lifecycle`` and lands on
-the event's timeline; nothing is dropped silently.
+claim -> parse (the provider's schema) -> merge into the call's state -> build the Rilla
+action -> deliver under the call's lock -> settle: delivered, skipped, retry scheduled or
+dead-lettered. Every outcome is a step of ``rilla_bridge.lifecycle`` that lands on the event's
+timeline in history; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from typing import Any
 
 import redis
 
+from rilla_bridge import keys
+from rilla_bridge.calls import BUSY, LOCKED, RELOAD, STORED
 from rilla_bridge.clients.rilla import RillaResult
-from rilla_bridge.events import decode_event
-from rilla_bridge.lifecycle import TERMINAL, Outcome, Status, retry_delay
+from rilla_bridge.jsonbody import parse_object
+from rilla_bridge.lifecycle import CallRef, ClaimCode, Outcome, Status, retry_delay
 from rilla_bridge.providers import DELIVERY_KINDS, parse_event
 from rilla_bridge.tenants import Tenant
 from rilla_bridge.transform.build import build_action
@@ -36,85 +38,85 @@ from rilla_bridge.transform.model import (
 from workers.runtime import Runtime
 
 log = logging.getLogger("rilla_bridge.worker")
-BUSY_REQUEUE_SECONDS = 1.0
-# An event waiting for a slot under its tenant's cap is queued by whoever frees one (see
-# lua/lib/wake.lua); this late retry only covers a slot that is never released.
-CAP_WAIT_SAFETY_SECONDS = 30.0
+BUSY_REQUEUE_SECONDS = 1.0       # another delivery of the same call holds its lock
+NO_HISTORY_RETRY_SECONDS = 30.0  # the call's earlier state is in a database that did not answer
+_CLAIM_OUTCOMES = {ClaimCode.GONE: Outcome.MISSING, ClaimCode.STALE: Outcome.STALE,
+                   ClaimCode.HELD: Outcome.HELD}
 
 
-def process_event(rt: Runtime, event_id: str) -> str:
-    """Take one stored event as far as it can go now; returns the Outcome name."""
-    raw_event = rt.lifecycle.start(event_id)
-    if not raw_event:
-        rt.lifecycle.forget(event_id)
-        log.warning("event record missing (expired?)", extra={"event": event_id})
-        return Outcome.MISSING
-    event = decode_event(raw_event)
-    if event.get("status") in TERMINAL:
-        rt.lifecycle.forget(event_id)  # a stray copy must not keep it pending
-        return Outcome.DONE_ALREADY
+def process_event(rt: Runtime, event_id: str, tenant: str) -> str:
+    """Take one dispatched event as far as it can go now; returns the Outcome name."""
+    run = rt.heartbeat.run_token()
+    claim = rt.lifecycle.claim(event_id, tenant, run)
+    if claim.event is None:
+        return _CLAIM_OUTCOMES[claim.code]
+    if claim.tenants_ready and claim.queue_length < rt.settings.dispatch_queue_max:
+        # Tenants wait for room in the queue, and this run just made some: fill it in turn.
+        try:
+            rt.lanes.refill()
+        except redis.RedisError as exc:
+            log.warning("could not refill the queue", extra={"error": repr(exc)})
+    rt.heartbeat.hold(event_id, tenant, run)
+    try:
+        return _run(rt, claim.event, run)
+    finally:
+        rt.heartbeat.release(event_id)
+
+
+def _run(rt: Runtime, event: dict[str, Any], worker: str) -> str:
+    lc = rt.lifecycle
     tenant = rt.tenants.get(event["tenant"])
     if tenant is None:
-        return _dead_letter(rt, event, "config", f"tenant {event['tenant']!r} is not in the "
-                            "tenants file any more; restore it and replay")
+        return lc.dead_letter(event, "config", f"tenant {event['tenant']!r} is not in the "
+                              "tenants file any more; restore it and replay", worker=worker)
     source, kind = event["source"], event["kind"]
-    try:
-        raw = json.loads(event.get("body") or b"")
-        if not isinstance(raw, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        return _dead_letter(rt, event, "transform", "stored body is not a JSON object")
+    raw = parse_object(event.get("body") or b"")
+    if isinstance(raw, str):
+        return lc.dead_letter(event, "transform", f"stored body: {raw}", worker=worker)
     try:
         parsed = parse_event(source, kind, raw)
     except TransformError as exc:
-        return _dead_letter(rt, event, "transform", str(exc))
+        return lc.dead_letter(event, "transform", str(exc), worker=worker)
     if isinstance(parsed, Skip):
-        return rt.lifecycle.skip(event_id, parsed.reason, tenant=tenant.slug)
+        return lc.skip(event, parsed.reason, worker=worker)
 
     call_id = parsed.call_id
+    call = CallRef(tenant.slug, source, call_id)
     snapshot = {"rank": parsed.rank, "received_at": float(event["received_at"]),
                 "fields": parsed.fields}
     token = secrets.token_hex(8)
+    lease_ms = int(rt.settings.delivery_lease_seconds * 1000)
+    want_lock = kind in DELIVERY_KINDS
     got, state = rt.calls.snapshot_and_acquire(
-        tenant.slug, source, call_id, event_id, snapshot, token=token,
-        lease_ms=_lease_ms(rt), max_inflight=rt.settings.tenant_max_inflight,
-        want_lock=kind in DELIVERY_KINDS)
-    if got == 2:
-        return rt.lifecycle.skip(
-            event_id, f"{kind} event: merged into the call's state, not delivered on its own",
-            tenant=tenant.slug)
-    if got != 1 or state is None:
-        return _busy(rt, event_id, got, tenant.slug)
-    return _deliver_locked(rt, event, tenant, call_id, token, state)
-
-
-def _dead_letter(rt: Runtime, event: dict[str, Any], reason_code: str, reason: str, *,
-                 rilla_event_id: str = "", result: RillaResult | None = None,
-                 payload: dict[str, Any] | None = None) -> str:
-    return rt.lifecycle.dead_letter(
-        event, reason_code, reason, rilla_event_id=rilla_event_id,
-        status_code=result.status if result else None,
-        response_body=(result.body or result.error or "") if result else "", payload=payload)
-
-
-def _lease_ms(rt: Runtime) -> int:
-    return int((rt.settings.rilla_connect_timeout + rt.settings.rilla_read_timeout + 15) * 1000)
-
-
-def _busy(rt: Runtime, event_id: str, got: int, tenant: str) -> str:
-    if got == 0:
-        return rt.lifecycle.schedule_retry(
-            event_id, BUSY_REQUEUE_SECONDS * (1 + random.random()), Status.WAITING,
-            rt.lifecycle.entry("waiting", reason="another delivery of this call"),
-            Outcome.BUSY, tenant=tenant)
-    # At the tenant's cap: queued again when a slot frees; the retry is only a safety copy.
-    rt.lifecycle.wait_for_slot(
-        tenant, event_id,
-        due=rt.clock.now() + CAP_WAIT_SAFETY_SECONDS * (1 + random.random()),
-        entry=rt.lifecycle.entry("waiting", reason="the tenant's in-flight cap: queued when "
-                                 "a slot frees"),
-        max_inflight=rt.settings.tenant_max_inflight)
-    return Outcome.BUSY
+        tenant.slug, source, call_id, event["id"], snapshot, token=token, lease_ms=lease_ms,
+        want_lock=want_lock)
+    if got == RELOAD:
+        # Earlier events of this call were handed to history: merge with them, never blank.
+        try:
+            fields = rt.call_history(tenant.slug, source, call_id)
+        except Exception as exc:  # the database's own errors vary by driver
+            log.warning("history unavailable for a call's earlier events",
+                        extra={"event": event["id"], "error": type(exc).__name__})
+            return lc.retry(
+                event, NO_HISTORY_RETRY_SECONDS * (1 + random.random()), Status.WAITING,
+                Outcome.NO_HISTORY, [lc.entry("waiting", reason="the call's earlier events "
+                                              "are in the history database, which did not "
+                                              "answer")], worker=worker)
+        rt.calls.restore(tenant.slug, source, call_id, fields)
+        got, state = rt.calls.snapshot_and_acquire(
+            tenant.slug, source, call_id, event["id"], snapshot, token=token,
+            lease_ms=lease_ms, want_lock=want_lock, check_history=False)
+    if got == STORED:
+        return lc.skip(event, f"{kind} event: merged into the call's state, not delivered on "
+                       "its own", worker=worker, call=call)
+    if got == BUSY or state is None:
+        return lc.retry(event, BUSY_REQUEUE_SECONDS * (1 + random.random()), Status.WAITING,
+                        Outcome.BUSY, [lc.entry("waiting", reason="another delivery of this "
+                                                "call")], worker=worker, call=call)
+    assert got == LOCKED
+    locked = CallRef(tenant.slug, source, call_id, token)
+    rt.heartbeat.hold_lock(event["id"], keys.call_lock(tenant.slug, source, call_id), token)
+    return _deliver_locked(rt, event, tenant, locked, state, worker)
 
 
 def _fingerprint(api_key: str, action: Upsert | Delete) -> str:
@@ -124,45 +126,36 @@ def _fingerprint(api_key: str, action: Upsert | Delete) -> str:
     return hashlib.sha256(f"{api_key}\n{body}".encode()).hexdigest()
 
 
-def _deliver_locked(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
-                    token: str, state: dict[str, Any]) -> str:
+def _deliver_locked(rt: Runtime, event: dict[str, Any], tenant: Tenant, call: CallRef,
+                    state: dict[str, Any], worker: str) -> str:
     """Deliver the call's merged state, read under its lock (so Rilla never gets older data
-    last), then free the lock and the tenant slot."""
-    event_id, source = event["id"], event["source"]
-    released = False
-    try:
-        merged = merge_snapshots(state["snapshots"])
-        try:
-            action = build_action(source, call_id, merged, tenant, state["resolved"])
-        except TransformError as exc:
-            return _dead_letter(rt, event, "transform", str(exc),
-                                rilla_event_id=event_id_for(source, call_id))
-        if isinstance(action, Skip):
-            return rt.lifecycle.skip(event_id, action.reason, tenant=tenant.slug)
-        if isinstance(action, NeedsRecording):
-            return rt.recordings.request(tenant, event, action)
-        outcome, released = _send(rt, event, tenant, call_id, state, action, token)
-        return outcome
-    finally:
-        if not released:
-            # A release lost to a Redis hiccup is harmless: the lease expires on its own.
-            try:
-                rt.calls.release(rt.redis, tenant.slug, source, call_id, token)
-            except redis.RedisError:
-                log.warning("could not release call lock", extra={"event": event_id})
-
-
-def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
-          state: dict[str, Any], action: Upsert | Delete, token: str) -> tuple[str, bool]:
-    """POST/DELETE and record the outcome; returns (outcome, lock already released)."""
-    event_id, source = event["id"], event["source"]
+    last); settling the event frees the lock and the slot."""
     lc = rt.lifecycle
+    merged = merge_snapshots(state["snapshots"])
+    try:
+        action = build_action(call.source, call.call_id, merged, tenant, state["resolved"])
+    except TransformError as exc:
+        return lc.dead_letter(event, "transform", str(exc), worker=worker, call=call,
+                              rilla_event_id=event_id_for(call.source, call.call_id))
+    if isinstance(action, Skip):
+        return lc.skip(event, action.reason, worker=worker, call=call)
+    if isinstance(action, NeedsRecording):
+        return rt.recordings.request(tenant, event, action, worker=worker, call=call)
+    return _send(rt, event, tenant, call, state, action, worker)
+
+
+def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call: CallRef,
+          state: dict[str, Any], action: Upsert | Delete, worker: str) -> str:
+    """POST/DELETE and settle the event by Rilla's answer."""
+    lc = rt.lifecycle
+    # What the transform mended on the way (a truncated field, a fallback rep) is said once,
+    # on the timeline of the run that sends it.
+    noted = [lc.entry("note", text=n) for n in action.notes] if isinstance(action, Upsert) else []
     fp = _fingerprint(tenant.rilla_api_key, action)
     if state.get("delivered") == fp:
-        lc.finish(event_id, Status.DELIVERED, Outcome.UNCHANGED,
-                  lc.entry("delivered", note="Rilla already has this exact data"),
-                  tenant=tenant.slug)
-        return Outcome.UNCHANGED, False
+        return lc.finish(event, Status.DELIVERED, Outcome.UNCHANGED,
+                         [lc.entry("delivered", note="Rilla already has this exact data")],
+                         worker=worker, call=call)
     now = rt.clock.now()
     attempts = int(event.get("attempts") or 0) + 1
     first = float(event.get("first_attempt_at") or 0) or now
@@ -178,38 +171,41 @@ def _send(rt: Runtime, event: dict[str, Any], tenant: Tenant, call_id: str,
     attempt = lc.entry(
         "attempt", n=attempts, op="upsert" if payload is not None else "delete",
         status=result.status, body=(result.body or result.error or "")[:200], ms=took_ms)
-    tracking: dict[Any, Any] = {"attempts": attempts, "first_attempt_at": repr(first),
-                                "last_attempt_at": repr(now), "last_status": result.status or "",
-                                "last_payload": json.dumps(payload) if payload is not None else ""}
-    event.update(tracking)
+    tried = [*noted, attempt]
+    payload_text = json.dumps(payload) if payload is not None else ""
+    tracking: dict[str, Any] = {"attempts": attempts, "first_attempt_at": first,
+                                "last_attempt_at": now, "last_status": result.status,
+                                "last_payload": payload_text or None}
+    event.update(attempts=attempts, first_attempt_at=first)
     if result.kind == "ok":
-        # The common case in one round trip: attempt, outcome, call state, lock release.
-        with rt.redis.pipeline() as pipe:
-            lc.record_attempt(pipe, event_id, tracking, attempt)
-            rt.calls.mark_delivered(pipe, tenant.slug, source, call_id, fp)
-            what = "delivered" if payload is not None else "deleted"
-            lc.finish(event_id, Status.DELIVERED, Outcome.DELIVERED, lc.entry(what), pipe=pipe,
-                      tenant=tenant.slug)
-            rt.calls.release(pipe, tenant.slug, source, call_id, token)
-            pipe.execute()
-        return Outcome.DELIVERED, True
-    with rt.redis.pipeline() as pipe:
-        lc.record_attempt(pipe, event_id, tracking, attempt)
-        pipe.execute()
+        what = "delivered" if payload is not None else "deleted"
+        return lc.finish(event, Status.DELIVERED, Outcome.DELIVERED, [*tried, lc.entry(what)],
+                         worker=worker, fields=tracking, call=call, delivered=fp)
     if result.kind == "permanent":
         reason = (f"Rilla answered {result.status}: {(result.body or '').strip()[:300]}"
                   if result.status is not None else f"refused before sending: {result.error}")
-        return _dead_letter(rt, event, "rilla_rejected", reason, rilla_event_id=rilla_event_id,
-                            result=result, payload=payload), False
+        return _dead(rt, event, "rilla_rejected", reason, result, payload, rilla_event_id,
+                     call, tried, tracking, worker)
     age = now - first
     if age >= rt.settings.retry_max_age_seconds:
         reason = (f"gave up after {attempts} attempts over {int(age)}s; last: "
                   f"{result.status or result.error}")
-        return _dead_letter(rt, event, "retries_exhausted", reason,
-                            rilla_event_id=rilla_event_id, result=result, payload=payload), False
+        return _dead(rt, event, "retries_exhausted", reason, result, payload, rilla_event_id,
+                     call, tried, tracking, worker)
     delay = retry_delay(rt.settings, attempts, result.retry_after)
     delay = min(delay, max(0.0, rt.settings.retry_max_age_seconds - age) + 0.01)
-    return lc.schedule_retry(
-        event_id, delay, Status.RETRY_SCHEDULED,
-        lc.entry("retry_scheduled", in_s=round(delay, 2), after=result.status or result.error),
-        Outcome.RETRY, tenant=tenant.slug), False
+    keep = {"attempts": str(attempts), "first_attempt_at": repr(first),
+            "last_payload": payload_text}
+    return lc.retry(event, delay, Status.RETRY_SCHEDULED, Outcome.RETRY,
+                    [*tried, lc.entry("retry_scheduled", in_s=round(delay, 2),
+                                       after=result.status or result.error)],
+                    worker=worker, keep=keep, fields=tracking, call=call)
+
+
+def _dead(rt: Runtime, event: dict[str, Any], code: str, reason: str, result: RillaResult,
+          payload: dict[str, Any] | None, rilla_event_id: str, call: CallRef,
+          tl: list[dict[str, Any]], tracking: dict[str, Any], worker: str) -> str:
+    return rt.lifecycle.dead_letter(
+        event, code, reason, worker=worker, rilla_event_id=rilla_event_id,
+        status_code=result.status, response_body=result.body or result.error or "",
+        payload=payload, call=call, tl=tl, fields=tracking)

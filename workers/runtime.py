@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -19,6 +20,9 @@ from rilla_bridge.clients.callrail import CallRailClient
 from rilla_bridge.clients.rilla import RillaAPI, RillaClient
 from rilla_bridge.clock import Clock, SystemClock
 from rilla_bridge.events import EventStore
+from rilla_bridge.history.db import make_engine
+from rilla_bridge.history.queries import CallStateReader
+from rilla_bridge.lanes import Lanes
 from rilla_bridge.lifecycle import Lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
 from rilla_bridge.quota import QuotaGuard
@@ -26,9 +30,17 @@ from rilla_bridge.redis_conn import make_redis, warn_unless_noeviction
 from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant, load_tenants
+from workers.heartbeat import Heartbeat
 from workers.recordings import RecordingService
 
 log = logging.getLogger("rilla_bridge.worker")
+# A call's state as history holds it (the hash fields), None when history has none; raises
+# when the database does not answer (the event then waits and tries again).
+CallHistory = Callable[[str, str, str], dict[str, str] | None]
+
+
+def _no_history(tenant: str, source: str, call_id: str) -> dict[str, str] | None:
+    raise RuntimeError("no history database configured")
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class Runtime:
     redis: redis.Redis
     scripts: Scripts
     tenants: dict[str, Tenant]
+    lanes: Lanes
     lifecycle: Lifecycle
     store: EventStore
     calls: CallState
@@ -47,21 +60,25 @@ class Runtime:
     callrail: CallRailClient
     guard: QuotaGuard
     recordings: RecordingService
+    heartbeat: Heartbeat
+    call_history: CallHistory
 
 
 def build_runtime(settings: Settings, *, client: redis.Redis, tenants: dict[str, Tenant],
                   clock: Clock | None = None, rilla: RillaAPI | None = None,
-                  callrail: CallRailClient | None = None) -> Runtime:
+                  callrail: CallRailClient | None = None,
+                  call_history: CallHistory = _no_history) -> Runtime:
     """A Runtime over ``client``; the API clients default to the settings' base URLs."""
     clock = clock or SystemClock()
     scripts = Scripts(client)
-    lifecycle = Lifecycle(client, scripts, clock, settings)
+    lanes = Lanes(client, scripts, clock, settings, tenants)
+    lifecycle = Lifecycle(client, scripts, clock, settings, lanes)
     store = EventStore(client)
-    calls = CallState(client, scripts, clock, settings.event_retention_seconds)
+    calls = CallState(client, scripts, clock, settings)
     guard = QuotaGuard.from_settings(settings, client, scripts, clock)
     return Runtime(
         settings=settings, clock=clock, redis=client, scripts=scripts, tenants=tenants,
-        lifecycle=lifecycle,
+        lanes=lanes, lifecycle=lifecycle,
         store=store, calls=calls,
         rilla=rilla or RillaClient(settings.rilla_base_url,
                                    connect_timeout=settings.rilla_connect_timeout,
@@ -69,7 +86,10 @@ def build_runtime(settings: Settings, *, client: redis.Redis, tenants: dict[str,
         callrail=callrail or CallRailClient(settings.callrail_base_url,
                                             connect_timeout=settings.callrail_connect_timeout,
                                             read_timeout=settings.callrail_read_timeout),
-        guard=guard, recordings=RecordingService(guard, calls, store, lifecycle))
+        guard=guard, recordings=RecordingService(guard, calls, store, lifecycle,
+                                    settings.callrail_tenant_lookup_share),
+        heartbeat=Heartbeat(client, scripts, clock, settings.delivery_lease_seconds),
+        call_history=call_history)
 
 
 _runtime: tuple[int, Runtime] | None = None
@@ -84,7 +104,12 @@ def _process_runtime() -> Runtime:
     init_sentry(settings.sentry_dsn, environment=settings.environment, component="worker")
     client = make_redis(settings, max_connections=512)
     warn_unless_noeviction(client, log)
-    return build_runtime(settings, client=client, tenants=tenants)
+    clock = SystemClock()
+    reader = CallStateReader(lambda: make_engine(settings), clock)
+    rt = build_runtime(settings, client=client, tenants=tenants, clock=clock,
+                       call_history=reader)
+    rt.heartbeat.start()
+    return rt
 
 
 def runtime() -> Runtime:

@@ -3,9 +3,9 @@
 Each job takes a short Redis lease per tick so one copy runs it; the moves themselves are
 atomic Lua scripts, so even two copies running a tick at once queue each event only once.
 
-- due retries: events whose retry time has come go back on the ``events`` queue;
-- lost-work sweep: an event still pending long after it was queued, and older than every
-  message still waiting in the queue, is queued again (delivery is idempotent);
+- lanes: retries whose time has come go back to the head of their tenant's lane, events whose
+  lease lapsed (a dead worker's) too, and tenants waiting for room in Celery's queue are
+  served in turn (``rilla_bridge.lanes``);
 - CallRail dispatch and reconciliation (see workers/callrail_jobs.py).
 """
 
@@ -22,7 +22,6 @@ from types import FrameType
 import redis
 
 from rilla_bridge import keys, leases
-from rilla_bridge.celery_messages import QUEUE_EVENTS, queued_at
 from workers import callrail_jobs
 from workers.runtime import Runtime
 
@@ -37,28 +36,17 @@ class Job:
     next_at: float = 0.0
 
 
-def move_due_retries(rt: Runtime) -> int:
-    return rt.lifecycle.requeue_due(keys.RETRY, rt.clock.now())
-
-
-def sweep_lost(rt: Runtime) -> int:
-    """Re-queue pending events that no queue message and no worker holds any more."""
-    threshold = rt.clock.now() - rt.settings.stale_pending_seconds
-    oldest = rt.redis.lindex(QUEUE_EVENTS, -1)
-    if oldest is not None:
-        at = queued_at(oldest)
-        # Events behind a backlog are still queued; only those older than it can be lost.
-        threshold = min(threshold, (at if at is not None else 0) - 1)
-    moved = rt.lifecycle.requeue_due(keys.PENDING, threshold)
-    if moved:
-        log.warning("re-queued lost events", extra={"count": moved})
-    return moved
+def sweep_lanes(rt: Runtime) -> int:
+    """Due retries, lapsed leases and the shared refill, for every tenant."""
+    due, recovered, refilled = rt.lanes.sweep()
+    if recovered:
+        log.warning("recovered events whose worker stopped", extra={"count": recovered})
+    return due + recovered + refilled
 
 
 def default_jobs() -> list[Job]:
     return [
-        Job("retries", 0.5, move_due_retries),
-        Job("sweep", 10.0, sweep_lost),
+        Job("lanes", 0.25, sweep_lanes),
         Job("callrail_dispatch", callrail_jobs.DISPATCH_EVERY, callrail_jobs.dispatch),
         Job("reconcile", 5.0, callrail_jobs.reconcile),
     ]

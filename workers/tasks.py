@@ -10,9 +10,9 @@ from workers.runtime import runtime
 
 
 @app.task(name="rilla_bridge.process_event", acks_late=True)
-def process_event(event_id: str) -> str:
-    """Deliver one stored event (idempotent: safe to run again after a worker dies)."""
-    return pipeline.process_event(runtime(), event_id)
+def process_event(event_id: str, tenant: str) -> str:
+    """Deliver one dispatched event (a stale or repeated copy of the message does nothing)."""
+    return pipeline.process_event(runtime(), event_id, tenant)
 
 
 @app.task(name="rilla_bridge.callrail_job", acks_late=True)

@@ -1,16 +1,25 @@
-"""What every command shares: settings, the Redis client and services, readable times."""
+"""What every command shares: settings, the Redis client and services, the history database,
+readable times."""
 
 from __future__ import annotations
 
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 import redis
+from sqlalchemy import make_url
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
 
 from rilla_bridge.clock import SystemClock
-from rilla_bridge.lifecycle import Lifecycle
-from rilla_bridge.observability import register_secrets
+from rilla_bridge.lifecycle import Lifecycle, make_lifecycle
+from rilla_bridge.observability import redact_text, register_secrets
 from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.redis_conn import make_redis
 from rilla_bridge.scripts import Scripts
@@ -46,7 +55,7 @@ def client(s: Settings) -> redis.Redis:
 
 
 def lifecycle(s: Settings, c: redis.Redis) -> Lifecycle:
-    return Lifecycle(c, Scripts(c), SystemClock(), s)
+    return make_lifecycle(c, SystemClock(), s, tenants(s))
 
 
 def guard(s: Settings, c: redis.Redis) -> QuotaGuard:
@@ -62,3 +71,64 @@ def when(ts: Any) -> str:
 
 def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- the history database -------------------------------------------------------------------
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """``--since``/``--until``: an ISO date or datetime (UTC unless it has an offset), or an
+    age such as ``90m``, ``6h``, ``2d`` (that long before now); epoch seconds."""
+    m = _RELATIVE.match(text.strip().lower())
+    if m:
+        base = time.time() if now is None else now
+        return base - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an ISO date/datetime or an age like 6h or 2d") from None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+@contextmanager
+def history(s: Settings) -> Iterator[Connection]:
+    """A read transaction on the history database (timeouts as the console's), or a clear
+    error naming the database (password masked)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rilla_bridge.history.db import make_engine, reading
+
+    where = s.database_url_masked
+    path = s.database_url.removeprefix("sqlite:///")
+    if s.database_url.startswith("sqlite:///") and not os.path.exists(path):
+        raise click.ClickException(f"no history database at {where} (run `rilla-bridge db "
+                                   "upgrade` and the history process, or set DATABASE_URL)")
+    engine = make_engine(s, poolclass=NullPool)
+    try:
+        with reading(engine) as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"cannot read the history database {where}: "
+                                   f"{db_error(s, exc)}") from None
+    finally:
+        engine.dispose()
+
+
+def db_error(s: Settings, exc: BaseException) -> str:
+    """An error's class and first line, with the database password masked."""
+    orig = getattr(exc, "orig", None) or exc
+    text = (str(orig).strip().splitlines() or [""])[0][:300]
+    password = make_url(s.database_url).password
+    if password:
+        text = text.replace(str(password), "***")
+    return redact_text(f"{type(orig).__name__}: {text}")
+
+
+def actor() -> str:
+    """Who acts, for the audit log: ``RILLA_BRIDGE_OPERATOR`` or the login name."""
+    import getpass
+
+    return os.environ.get("RILLA_BRIDGE_OPERATOR") or f"cli:{getpass.getuser()}"

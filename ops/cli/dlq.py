@@ -1,17 +1,26 @@
-"""``rilla-bridge dlq``: inspect, replay and delete dead letters."""
+"""``rilla-bridge dlq``: inspect, replay and delete dead letters.
+
+``list`` and ``show`` read the history database; ``select_from_history`` picks the dead
+letters ``replay`` and ``delete`` act on from there too (``replay``/``delete`` themselves still
+act on the Redis store until lifecycle's replay moves over).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
+from sqlalchemy.engine import Connection
 
 from ops.cli import common, main
-from rilla_bridge.dlq import DeadLetters, Selector
-from rilla_bridge.lifecycle import Lifecycle
+from rilla_bridge.clock import SystemClock
+from rilla_bridge.history import queries
+from rilla_bridge.history.queries import DeadLetterFilter
 from rilla_bridge.observability import redact_text
+from rilla_bridge.operations import BulkResult, Operations
 from rilla_bridge.settings import Settings
 
 
@@ -26,26 +35,76 @@ def _selectors(f: Any) -> Any:
     return click.option("--tenant", help="tenant slug")(f)
 
 
-def _services(settings: Settings) -> tuple[DeadLetters, Lifecycle]:
-    client = common.client(settings)
-    lifecycle = common.lifecycle(settings, client)
-    return lifecycle.dlq, lifecycle
+def _row(dl: dict[str, Any]) -> dict[str, Any]:
+    """A dead letter as the command line shows it: ``id`` is our event id (what operators
+    type), ``event_id`` the Rilla event id, ``dead_letter_id`` the history's own key."""
+    return {"id": dl["event_id"], "dead_letter_id": dl["id"], "tenant": dl["tenant"],
+            "source": dl["source"], "kind": dl.get("kind"), "call_id": dl.get("call_id"),
+            "event_id": dl.get("rilla_event_id") or "", "reason_code": dl["reason_code"],
+            "reason": dl["reason"], "status_code": dl["status_code"],
+            "attempts": dl["attempts"] or 0, "first_failure_at": dl.get("first_failure_at"),
+            "failed_at": dl["failed_at"], "handled_at": dl.get("handled_at"),
+            "handled_how": dl.get("handled_how"), "handled_by": dl.get("handled_by")}
+
+
+def _open_letters(conn: Connection, f: DeadLetterFilter, limit: int | None
+                  ) -> tuple[list[dict[str, Any]], bool]:
+    """Dead letters matching ``f``, oldest failure first, page by page up to ``limit``
+    (None: all); and whether more were left out."""
+    rows: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        want = queries.MAX_LIMIT if limit is None else min(queries.MAX_LIMIT, limit - len(rows))
+        page = queries.dead_letters_page(conn, f, limit=want, after=cursor)
+        rows += [_row(r) for r in page.rows]
+        cursor = page.next
+        if cursor is None:
+            return rows, False
+        if limit is not None and len(rows) >= limit:
+            return rows, True
+
+
+def select_from_history(settings: Settings, ids: tuple[str, ...], all_: bool,
+                        f: DeadLetterFilter) -> list[dict[str, Any]]:
+    """The open dead letters a ``dlq replay`` / ``dlq delete`` acts on, from the history
+    database: the given event ids (each one that is not an open dead letter, or does not
+    match the filters, is left out with a note on stderr), or with ``all_`` every open one
+    matching ``f`` (oldest failure first). Rows as ``dlq list --json`` prints them."""
+    if ids and all_:
+        raise click.UsageError("give IDs or --all, not both")
+    if not ids and not all_:
+        raise click.UsageError("give one or more IDs, or --all (with optional filters)")
+    with common.history(settings) as conn:
+        if all_:
+            return _open_letters(conn, f, None)[0]
+        out = []
+        for i in dict.fromkeys(ids):
+            found = queries.dead_letter(conn, i)
+            if found is None or found.get("handled_at") is not None:
+                click.echo(f"{i}: not an open dead letter (replayed or deleted already?)",
+                           err=True)
+            elif f.matches(found):
+                out.append(_row(found))
+        return out
 
 
 @dlq.command("list")
 @_selectors
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON array")
-def dlq_list(tenant: str | None, source: str | None, reason: str | None, as_json: bool) -> None:
-    """List dead letters, oldest failure first."""
+def dlq_list(tenant: str | None, source: str | None, reason: str | None, limit: int,
+             as_json: bool) -> None:
+    """List open dead letters, oldest failure first."""
     settings = common.settings()
     common.register_tenant_secrets(settings)
-    dead, _ = _services(settings)
-    rows = list(dead.iter(Selector(tenant, source, reason)))
+    with common.history(settings) as conn:
+        rows, more = _open_letters(conn, DeadLetterFilter(tenant, source, reason), limit)
     if as_json:
         click.echo(redact_text(json.dumps(rows, indent=2)))
         return
     if not rows:
-        click.echo("no dead letters" + (" match" if tenant or source or reason else ""))
+        click.echo("no dead letters" + (" match" if tenant or source or reason else "")
+                   + f" (searched {settings.database_url_masked})")
         return
     click.echo(f"{'ID':<34} {'TENANT':<18} {'SOURCE':<9} {'STATUS':<6} {'ATT':>3}  "
                f"{'FAILED AT (UTC)':<19}  REASON")
@@ -54,7 +113,8 @@ def dlq_list(tenant: str | None, source: str | None, reason: str | None, as_json
             f"{r['id']:<34} {r['tenant'][:18]:<18} {r['source']:<9} "
             f"{r['status_code'] if r['status_code'] is not None else '-':<6} "
             f"{r['attempts']:>3}  {common.when(r['failed_at']):<19}  {r['reason'][:100]}"))
-    click.echo(f"{len(rows)} dead letter(s)")
+    click.echo(f"{len(rows)} dead letter(s)" + (f" (the first {limit}; more with --limit)"
+                                                 if more else ""))
 
 
 @dlq.command("show")
@@ -64,53 +124,56 @@ def dlq_show(dead_letter_id: str, as_json: bool) -> None:
     """Everything kept about one dead letter (raw event, last payload, Rilla's answer)."""
     settings = common.settings()
     common.register_tenant_secrets(settings)
-    dead, _ = _services(settings)
-    entry = dead.get(dead_letter_id)
-    if entry is None:
-        raise click.ClickException(f"no dead letter {dead_letter_id}")
-    body = entry.pop("body", b"")
+    with common.history(settings) as conn:
+        found = queries.dead_letter(conn, dead_letter_id)
+    if found is None:
+        raise click.ClickException(f"no dead letter {dead_letter_id} in "
+                                   f"{settings.database_url_masked}")
+    entry = _row(found)
+    entry["received_at"] = found.get("received_at")
+    entry["response_body"] = found.get("response_body")
+    body = bytes(found.get("body") or b"")
     try:
         entry["raw_event"] = json.loads(body) if body else None
     except ValueError:
         entry["raw_event"] = body.decode("utf-8", "replace")
-    entry["payload"] = json.loads(entry["payload"]) if entry.get("payload") else None
-    text = json.dumps(entry, indent=2, default=str)
-    if not as_json:
-        text = "\n".join(line for line in text.splitlines())
-    click.echo(redact_text(text))
+    try:
+        entry["payload"] = json.loads(found["payload"]) if found.get("payload") else None
+    except ValueError:
+        entry["payload"] = found["payload"]
+    # Human and --json output are the same document: everything kept, nothing secret.
+    click.echo(redact_text(json.dumps(entry, indent=2, default=str)))
 
 
-def _select_ids(dl: DeadLetters, ids: tuple[str, ...], all_: bool, sel: Selector) -> list[str]:
-    if ids and all_:
-        raise click.UsageError("give IDs or --all, not both")
-    if not ids and not all_:
-        raise click.UsageError("give one or more IDs, or --all (with optional filters)")
-    if ids:
-        out = []
-        for i in ids:
-            entry = dl.get(i)
-            if entry is None:
-                click.echo(f"{i}: not in the dead-letter store (replayed or deleted already?)",
-                           err=True)
-            elif sel.matches(entry):
-                out.append(i)
-        return out
-    return [r["id"] for r in dl.iter(sel)]
-
-
-def _bulk(action: str, ids: list[str], fn: Any, dry_run: bool) -> None:
+def _bulk(action: str, rows: list[dict[str, Any]], dry_run: bool,
+          run: Callable[[list[str], Callable[[int], None]], BulkResult]) -> None:
     stem = action[:-1] if action.endswith("e") else action  # delete -> deleted, deleting
+    ids = [str(r["id"]) for r in rows]
     if dry_run:
-        for i in ids:
-            click.echo(f"would {action} {i}")
+        for r in rows:
+            click.echo(redact_text(f"would {action} {r['id']}  {r['tenant']}  "
+                                   f"{r['reason_code']}: {str(r['reason'])[:80]}"))
         click.echo(f"dry run: {len(ids)} dead letter(s) would be {stem}ed")
         return
-    done = 0
-    with click.progressbar(ids, label=f"{stem}ing", file=sys.stderr,
+    with click.progressbar(length=len(ids), label=f"{stem}ing", file=sys.stderr,
                            show_pos=True) as bar:
-        for i in bar:
-            done += 1 if fn(i) else 0
-    click.echo(f"{stem}ed {done} of {len(ids)} dead letter(s)")
+        done_so_far = [0]
+
+        def progress(n: int) -> None:
+            bar.update(n - done_so_far[0])
+            done_so_far[0] = n
+
+        out = run(ids, progress)
+    for event_id, why in out.left:
+        click.echo(f"{event_id}: not {stem}ed: {why}", err=True)
+    click.echo(f"{stem}ed {out.done} of {len(ids)} dead letter(s)")
+
+
+def _operations(settings: Settings) -> Operations:
+    from rilla_bridge.history.db import make_engine
+
+    return Operations(settings, common.client(settings), make_engine(settings), SystemClock(),
+                      common.tenants(settings))
 
 
 @dlq.command("replay")
@@ -120,10 +183,15 @@ def _bulk(action: str, ids: list[str], fn: Any, dry_run: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="only list what would be replayed")
 def dlq_replay(ids: tuple[str, ...], all_: bool, tenant: str | None, source: str | None,
                reason: str | None, dry_run: bool) -> None:
-    """Re-run dead letters from their raw events through the normal pipeline."""
-    dead, lifecycle = _services(common.settings())
-    chosen = _select_ids(dead, ids, all_, Selector(tenant, source, reason))
-    _bulk("replay", chosen, lifecycle.replay, dry_run)
+    """Re-run dead letters from their raw events through the normal pipeline (the tenants
+    file as it is now applies), paced through each tenant's bulk lane."""
+    settings = common.settings()
+    common.register_tenant_secrets(settings)
+    rows = select_from_history(settings, ids, all_, DeadLetterFilter(tenant, source, reason))
+    ops = _operations(settings) if not dry_run else None
+    _bulk("replay", rows, dry_run,
+          lambda chosen, progress: ops.replay(chosen, common.actor(), progress=progress)
+          if ops else BulkResult())
 
 
 @dlq.command("delete")
@@ -133,7 +201,11 @@ def dlq_replay(ids: tuple[str, ...], all_: bool, tenant: str | None, source: str
 @click.option("--dry-run", is_flag=True, help="only list what would be deleted")
 def dlq_delete(ids: tuple[str, ...], all_: bool, tenant: str | None, source: str | None,
                reason: str | None, dry_run: bool) -> None:
-    """Delete dead letters for good."""
-    dead, _ = _services(common.settings())
-    chosen = _select_ids(dead, ids, all_, Selector(tenant, source, reason))
-    _bulk("delete", chosen, dead.delete, dry_run)
+    """Close dead letters without running them (history keeps the events)."""
+    settings = common.settings()
+    common.register_tenant_secrets(settings)
+    rows = select_from_history(settings, ids, all_, DeadLetterFilter(tenant, source, reason))
+    ops = _operations(settings) if not dry_run else None
+    _bulk("delete", rows, dry_run,
+          lambda chosen, _progress: ops.delete(chosen, common.actor()) if ops
+          else BulkResult())

@@ -1,4 +1,4 @@
-"""Commands that run a process: the scheduler, a sandbox, the whole system locally."""
+"""Commands that run a process: the scheduler, history, a sandbox, the whole system locally."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ def scheduler() -> None:
     from workers.scheduler import run_forever
 
     run_forever(runtime())
+
+
+@main.command()
+def history() -> None:
+    """Run the history process (writes the history records Redis holds into DATABASE_URL)."""
+    from workers.history import main as history_main
+
+    history_main()
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

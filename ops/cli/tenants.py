@@ -32,9 +32,9 @@ def tenants_check(path: str | None) -> None:
         if t.callrail:
             api = (f"account {t.callrail.account_id}, api_key {mask(t.callrail.api_key)}"
                    if t.callrail.api_enabled else "no API access")
-            click.echo(f"    callrail: signing_key {mask(t.callrail.signing_key)}, {api}"
+            click.echo(f"    callrail: signing_key {mask(t.callrail.signing_keys)}, {api}"
                        + (f", company {t.callrail.company_id}" if t.callrail.company_id else ""))
         if t.callingly:
-            click.echo(f"    callingly: webhook_token {mask(t.callingly.webhook_token)}")
+            click.echo(f"    callingly: webhook_token {mask(t.callingly.webhook_tokens)}")
         if not t.callrail and not t.callingly:
             click.echo("    (no [callrail] or [callingly] section: its webhooks answer 404)")

@@ -1,31 +1,41 @@
--- Store one received body and queue it, atomically: an event is either stored and queued or
--- not at all; a body seen within the dedup window answers with the first event's id.
--- KEYS: dedup, event hash, pending zset, queue list
--- ARGV: event id, queue message ('' = do not enqueue), dedup ttl, retention, received at,
---       tenant, source, kind, status, size, sha256, call id, body ('' = not kept), then
---       optional field pairs.
--- Field names live here, not in ARGV, and the usual event is one HSET: this script is most of
--- Redis's work per webhook.
+-- Store one received body and put it in its tenant's lane, atomically, with its history
+-- record; dispatch it at once when the tenant has a slot free. A body seen within the dedup
+-- window is not stored again: the answer is the first event's id. The tenant's intake limit
+-- is checked first: over it, nothing is stored and the answer is {-1, seconds to wait}.
+-- KEYS: 1 dedup, 2 event hash, 3 history stream, 4 tenant's open zset, 5 tenants set,
+--       6 tenant's limit hash, 7.. the dispatch keys (lib/dispatch.lua).
+-- ARGV: 1 event id, 2 dedup ttl s, 3 now ms, 4 received at (s), 5 source, 6 kind, 7 call id,
+--       8 body ('' = not kept), 9 '1' to queue it ('0': recorded as finished, e.g. skipped),
+--       10 lane (live; anything else, e.g. reconcile or backfill, waits in the bulk lane),
+--       11 the `received` record (JSON), 12 limit events/s ('' = no limit), 13 limit
+--       bytes/s, 14 body size, 15.. the dispatch arguments.
+--#include lib/dispatch
+--#include lib/history
+--#include lib/limit
+if ARGV[12] ~= '' then
+  local wait = take_intake(KEYS[6], tonumber(ARGV[4]), tonumber(ARGV[12]), tonumber(ARGV[13]),
+    tonumber(ARGV[14]))
+  if wait > 0 then return {-1, wait} end
+end
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-if ARGV[13] ~= '' then
-  redis.call('HSET', KEYS[2], 'id', ARGV[1], 'received_at', ARGV[5], 'tenant', ARGV[6],
-    'source', ARGV[7], 'kind', ARGV[8], 'status', ARGV[9], 'size', ARGV[10],
-    'sha256', ARGV[11], 'call_id', ARGV[12], 'body', ARGV[13])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[8] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'r', 'received', 'd', ARGV[11], 'b', ARGV[8])
 else
-  redis.call('HSET', KEYS[2], 'id', ARGV[1], 'received_at', ARGV[5], 'tenant', ARGV[6],
-    'source', ARGV[7], 'kind', ARGV[8], 'status', ARGV[9], 'size', ARGV[10],
-    'sha256', ARGV[11], 'call_id', ARGV[12])
+  record(KEYS[3], 'received', ARGV[11])
 end
-if #ARGV > 13 then
-  local fields = {}
-  for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[2], unpack(fields))
+if ARGV[9] ~= '1' then return {1, ARGV[1]} end
+local T, C = context(7, 15, tonumber(ARGV[3]))
+redis.call('HSET', KEYS[2], 'tenant', T.name, 'source', ARGV[5], 'kind', ARGV[6],
+  'call_id', ARGV[7], 'received_at', ARGV[4], 'lane', ARGV[10], 'status', 'queued',
+  'body', ARGV[8])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('SADD', KEYS[5], T.name)
+if ARGV[10] == 'live' then
+  redis.call('RPUSH', T.lane, ARGV[1])
+else
+  redis.call('RPUSH', T.bulk, ARGV[1])
 end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-if ARGV[2] ~= '' then
-  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-  redis.call('LPUSH', KEYS[4], ARGV[2])
-end
+dispatch_own(T, C)
 return {1, ARGV[1]}

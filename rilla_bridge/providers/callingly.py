@@ -9,6 +9,7 @@ their bodies are never stored.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, post_load
@@ -23,11 +24,16 @@ KINDS = frozenset({"call_completed", "lead_created", "lead_updated"})
 UNKEPT_KINDS = frozenset({"lead_created", "lead_updated"})
 
 
-def token_ok(expected: str, given: str | None) -> bool:
-    """Whether ``?token=`` equals the tenant's webhook token (constant time)."""
+def token_ok(expected: Sequence[str], given: str | None) -> bool:
+    """Whether ``?token=`` equals one of the tenant's webhook tokens (two while one is
+    rotated); every token is compared, in constant time."""
     if not given:
         return False
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+    raw = given.encode("utf-8", "replace")
+    ok = False
+    for token in expected:
+        ok |= hmac.compare_digest(token.encode(), raw)
+    return ok
 
 
 def detect_kind(body: dict[str, Any]) -> str:
@@ -39,6 +45,34 @@ def detect_kind(body: dict[str, Any]) -> str:
     if "fname" in body or "lname" in body:
         return "lead_created"
     return "call_completed"
+
+
+# Keys that only lead bodies carry (account and user records); their presence anywhere in a
+# body means it is a lead event, whatever the unsigned ``?event=`` parameter claims.
+_LEAD_ONLY_KEYS = frozenset({"two_factor_secret", "two_factor_recovery_codes", "openai_key",
+                             "stripe_id", "webhook_slug", "updatedField", "updatedValue"})
+
+
+def _has_lead_keys(value: Any, depth: int = 0) -> bool:
+    if depth > 6:
+        return False
+    if isinstance(value, dict):
+        return any(k in _LEAD_ONLY_KEYS or _has_lead_keys(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lead_keys(v, depth + 1) for v in value[:50])
+    return False
+
+
+def kind_of(claimed: str | None, body: dict[str, Any]) -> str:
+    """The event kind: ``?event=`` when given, else the body's shape; but a body shaped like a
+    lead event (or carrying a lead's account secrets) is one, whatever ``?event=`` says, so
+    its secrets are never stored."""
+    shape = detect_kind(body)
+    if shape in UNKEPT_KINDS:
+        return shape
+    if _has_lead_keys(body):
+        return "lead_updated"
+    return claimed or shape
 
 
 def call_id(kind: str, body: dict[str, Any]) -> str | None:
@@ -97,8 +131,8 @@ class CallCompletedSchema(Schema):
     lead = f.Object(LeadSchema())
     user = f.Object(UserSchema())
     recording_url = f.Text()
-    seconds = f.Int()
-    call_seconds = f.Int()
+    seconds = f.Seconds()
+    call_seconds = f.Seconds()
     datetime = f.Text()
 
     @post_load
@@ -106,6 +140,7 @@ class CallCompletedSchema(Schema):
         if d["id"] is None:
             raise ValidationError("no usable call id")
         lead: dict[str, Any] = d["lead"] or {}
+        seconds = d["seconds"] if d["seconds"] is not None else d["call_seconds"]
         user: dict[str, Any] = d["user"] or {}
         first = lead.get("first_name") or lead.get("fname")
         last = lead.get("last_name") or lead.get("lname")
@@ -117,7 +152,8 @@ class CallCompletedSchema(Schema):
         fields: dict[str, Any] = {
             "start_time": start,
             "start_time_invalid": raw_start if raw_start and start is None else None,
-            "duration": d["seconds"] if d["seconds"] is not None else d["call_seconds"],
+            "duration": f.seconds_field(seconds)[0],
+            "duration_invalid": f.seconds_field(seconds)[1],
             "recording": d["recording_url"],
             "agent_email": user.get("email"),
             "customer_id": lead.get("id"),

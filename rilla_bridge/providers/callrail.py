@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,12 +39,16 @@ def signature(signing_key: str, body: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def signature_ok(signing_key: str, body: bytes, header: str | None) -> bool:
-    """Whether the ``Signature`` header signs ``body`` with ``signing_key`` (constant time)."""
+def signature_ok(signing_keys: Sequence[str], body: bytes, header: str | None) -> bool:
+    """Whether the ``Signature`` header signs ``body`` with one of ``signing_keys`` (two while
+    a key is rotated); every key is compared, in constant time."""
     if not header:
         return False
-    expected = signature(signing_key, body)
-    return hmac.compare_digest(expected.encode(), header.strip().encode("utf-8", "replace"))
+    given = header.strip().encode("utf-8", "replace")
+    ok = False
+    for key in signing_keys:
+        ok |= hmac.compare_digest(signature(key, body).encode(), given)
+    return ok
 
 
 def detect_kind(body: dict[str, Any]) -> str:
@@ -55,6 +60,11 @@ def detect_kind(body: dict[str, Any]) -> str:
     if "form_data" in body:
         return "form_submission"
     return "post_call"
+
+
+def kind_of(claimed: str | None, body: dict[str, Any]) -> str:
+    """The event kind: ``?event=`` when given (CallRail's per-event URLs), else the shape."""
+    return claimed or detect_kind(body)
 
 
 def call_id(kind: str, body: dict[str, Any]) -> str | None:
@@ -101,7 +111,8 @@ SKIP_KINDS: dict[str, str] = {
 }
 # Pre-call and routing-complete bodies hold placeholders for these (answered=false, duration 0,
 # call_type missed) that are not outcomes; keeping them would only add wrong values to merges.
-_OUTCOME_FIELDS = ("answered", "duration", "spam", "recording", "voicemail")
+_OUTCOME_FIELDS = ("answered", "duration", "duration_invalid", "spam", "recording",
+                   "voicemail")
 # Caller-ID names that are not a person.
 _NOT_A_NAME = frozenset({
     "wireless caller", "unknown", "unknown caller", "unavailable", "private", "private caller",
@@ -143,7 +154,7 @@ class CallSchema(Schema):
     id = f.LooseId()
     start_time = f.Text()
     datetime = f.Text()
-    duration = f.Int()
+    duration = f.Seconds()
     recording = f.Text()
     spam = f.Bool()
     answered = f.Bool()
@@ -185,7 +196,8 @@ class CallSchema(Schema):
         fields: dict[str, Any] = {
             "start_time": start,
             "start_time_invalid": invalid,
-            "duration": d["duration"],
+            "duration": f.seconds_field(d["duration"])[0],
+            "duration_invalid": f.seconds_field(d["duration"])[1],
             "recording": d["recording"],
             "spam": d["spam"],
             "answered": d["answered"],

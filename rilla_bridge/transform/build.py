@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from marshmallow import ValidationError, validate
 
 from rilla_bridge.providers import PROVIDERS, callrail
 from rilla_bridge.tenants import Tenant
-from rilla_bridge.transform.appointment import validate_appointment
+from rilla_bridge.transform.appointment import MAX_CUSTOM_FIELD_CHARS, validate_appointment
 from rilla_bridge.transform.fields import add_seconds
 from rilla_bridge.transform.model import (
     Delete,
@@ -23,6 +26,8 @@ from rilla_bridge.transform.model import (
 Action = Upsert | Delete | Skip | NeedsRecording
 
 _EMAIL = validate.Email()
+# Host names that never name a public server: a recording there is someone's internal host.
+_PRIVATE_SUFFIXES = (".localhost", ".local", ".internal", ".lan", ".home.arpa", ".intranet")
 
 
 def _text(merged: Mapping[str, Any], key: str) -> str | None:
@@ -55,27 +60,99 @@ def build_action(source: str, call_id: str, merged: dict[str, Any], tenant: Tena
         return Skip(f"no recording: {label} call {call_id} has no recording "
                     f"and tenant {tenant.slug} does not deliver unrecorded calls")
 
-    payload = _payload(source, label, event_id, merged, tenant)
+    notes: list[str] = []
+    payload = _payload(source, label, event_id, merged, tenant, notes)
     if recording is not None:
         api = callrail.recording_api_call(recording) if source == callrail.NAME else None
         if api is not None:
+            _own_call(api, call_id, tenant)
             if recording not in resolved_recordings:
                 return NeedsRecording(api_url=recording, account_id=api[0], call_id=api[1])
             recording = resolved_recordings[recording]
+        refusal = recording_refusal(recording, tenant)
+        if refusal:
+            raise TransformError(refusal)
         payload["media_url"] = recording
         payload["recording_type"] = "CALL_AUDIO"
     validate_appointment(payload)
-    return Upsert(payload)
+    return Upsert(payload, tuple(notes))
+
+
+def _own_call(api: tuple[str, str], call_id: str, tenant: Tenant) -> None:
+    """A recording.json URL is resolved only for the event's own call in the tenant's own
+    account: anything else would fetch another tenant's recording (and spend its quota)."""
+    account, api_call = api
+    own = tenant.callrail.account_id if tenant.callrail else None
+    if api_call != call_id or (own and account != own):
+        raise TransformError(
+            f"recording URL names CallRail call {api_call[:40]!r} in account {account[:20]!r}; "
+            f"only this call ({call_id}) in the tenant's own account ({own or 'none'}) is "
+            "looked up")
+
+
+def recording_refusal(url: str, tenant: Tenant) -> str | None:
+    """Why ``url`` may not be sent to Rilla as a recording (None: it may). Only https URLs on
+    public hosts, besides the hosts the tenant lists in ``recording_hosts``."""
+    try:
+        parts = urlsplit(url.strip())
+        # "localhost." and "169.254.169.254." are the same hosts as without the final dot.
+        host = (parts.hostname or "").lower().rstrip(".")
+    except ValueError:
+        return "recording URL is not a URL"
+    if host in tenant.recording_hosts:
+        return None if parts.scheme in ("http", "https") else "recording URL is not http(s)"
+    why = ""
+    if parts.scheme != "https":
+        why = f"is {parts.scheme or 'not'} http(s), not https"
+    elif not host:
+        why = "has no host"
+    else:
+        address = _ip_literal(host)
+        if address is None:
+            if host == "localhost" or host.endswith(_PRIVATE_SUFFIXES) or "." not in host:
+                why = f"names the internal host {host!r}"
+        elif not address.is_global:
+            why = f"names the non-public address {host}"
+    if not why:
+        return None
+    return (f"recording URL {why}: only https URLs on public hosts are sent to Rilla (add the "
+            "host to the tenant's recording_hosts if it is right)")
+
+
+_INET_ATON_CHARS = frozenset("0123456789abcdefx.")
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address when it is one, including the older IPv4 spellings that
+    HTTP clients still resolve (``127.1``, ``0x7f.1``, ``0177.0.0.1``, ``2130706433``)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if not set(host) <= _INET_ATON_CHARS:
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _payload(source: str, label: str, event_id: str, merged: Mapping[str, Any],
-             tenant: Tenant) -> dict[str, Any]:
+             tenant: Tenant, notes: list[str]) -> dict[str, Any]:
     agent = _text(merged, "agent_email")
     user_email = tenant.rep_email(agent)
+    if user_email and not _valid_email(user_email):
+        if not tenant.default_user_email:
+            raise TransformError(f"no rep email: agent_email {user_email[:80]!r} is not an "
+                                 f"email address and tenant {tenant.slug} has no "
+                                 "default_user_email")
+        notes.append(f"agent_email {user_email[:80]!r} is not an email address: the call goes "
+                     "to the tenant's default_user_email")
+        user_email = tenant.default_user_email
     if not user_email:
         raise TransformError(f"no rep email: the call has no agent_email and tenant "
                              f"{tenant.slug} has no default_user_email")
-    start, end = _times(source, merged)
+    start, end = _times(source, merged, notes)
     customer = _customer(source, label, merged)
     direction = _text(merged, "direction")
     who = customer["name"]
@@ -92,13 +169,13 @@ def _payload(source: str, label: str, event_id: str, merged: Mapping[str, Any],
                    if source == "callrail" else _text(merged, "lead_source"))
     if lead_source:
         payload["lead_source"] = lead_source
-    custom = _custom_fields(source, merged)
+    custom = _custom_fields(source, merged, notes)
     if custom:
         payload["custom_fields"] = custom
     return payload
 
 
-def _times(source: str, merged: Mapping[str, Any]) -> tuple[str, str]:
+def _times(source: str, merged: Mapping[str, Any], notes: list[str]) -> tuple[str, str]:
     start = _text(merged, "start_time")
     key = "start_time" if source == "callrail" else "datetime"
     if start is None:
@@ -107,6 +184,10 @@ def _times(source: str, merged: Mapping[str, Any]) -> tuple[str, str]:
             raise TransformError(
                 f"no usable start time: {key} {bad!r} is not ISO 8601 with an offset")
         raise TransformError(f"no usable start time: the call has no {key}")
+    bad_duration = _text(merged, "duration_invalid")
+    if _count(merged, "duration") is None and bad_duration is not None:
+        notes.append(f"duration {bad_duration} is not a number of seconds (0 to a day): the "
+                     "end time is the start time")
     end = add_seconds(start, _count(merged, "duration") or 0)
     if end is None:
         raise TransformError(f"no usable end time: start {start!r} plus duration "
@@ -151,7 +232,8 @@ def _valid_email(value: str) -> bool:
     return True
 
 
-def _custom_fields(source: str, merged: Mapping[str, Any]) -> dict[str, Any]:
+def _custom_fields(source: str, merged: Mapping[str, Any], notes: list[str]
+                   ) -> dict[str, Any]:
     keys: tuple[str, ...] = PROVIDERS[source].CUSTOM_FIELDS
     out: dict[str, Any] = {}
     for key in keys:
@@ -162,5 +244,10 @@ def _custom_fields(source: str, merged: Mapping[str, Any]) -> dict[str, Any]:
             value = value.strip()
         if value is None or value == "" or isinstance(value, dict):
             continue
+        if isinstance(value, str) and len(value) > MAX_CUSTOM_FIELD_CHARS:
+            # An optional field is not worth a recorded call: it is shortened, not refused.
+            notes.append(f"custom field {key!r} shortened from {len(value)} characters to "
+                         f"{MAX_CUSTOM_FIELD_CHARS}")
+            value = value[:MAX_CUSTOM_FIELD_CHARS - 1] + "…"
         out[key] = value
     return out

@@ -68,6 +68,26 @@ def clean_int(value: Any) -> int | None:
     return None
 
 
+MAX_CALL_SECONDS = 86400
+_DECIMAL_RE = re.compile(r"^\d+(\.\d+)?$")
+
+
+def clean_seconds(value: Any) -> int | str | None:
+    """A call's length in whole seconds: counts given as int, float or text are rounded
+    (``95.5`` -> 96); missing or empty is None; anything else (``"1e9"``, ``"-5"``, over a
+    day) comes back as its text, so the call can be delivered and the bad value named."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and _DECIMAL_RE.match(value.strip()):
+        number = float(value.strip())
+    if number is not None and math.isfinite(number) and 0 <= number <= MAX_CALL_SECONDS:
+        return int(number + 0.5)
+    return preview(value, 40)
+
+
 def clean_scalar(value: Any) -> JsonScalar:
     """A plain JSON scalar kept as given (strings trimmed); containers and NaN are missing."""
     if isinstance(value, (bool, int)):
@@ -173,6 +193,19 @@ class Int(Text):
     def _deserialize(self, value: Any, attr: str | None,  # type: ignore[override]
                      data: Mapping[str, Any] | None, **kwargs: Any) -> int | None:
         return clean_int(value)
+
+
+class Seconds(Text):
+    """A call's length: whole seconds, or the unusable value's text (see ``clean_seconds``)."""
+
+    def _deserialize(self, value: Any, attr: str | None,  # type: ignore[override]
+                     data: Mapping[str, Any] | None, **kwargs: Any) -> int | str | None:
+        return clean_seconds(value)
+
+
+def seconds_field(value: int | str | None) -> tuple[int | None, str | None]:
+    """(seconds, the bad value's text) from what a ``Seconds`` field loaded."""
+    return (None, value) if isinstance(value, str) else (value, None)
 
 
 class Scalar(Text):

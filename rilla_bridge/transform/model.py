@@ -28,9 +28,11 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Upsert:
-    """POST this payload to ``/custom/appointment``."""
+    """POST this payload to ``/custom/appointment``; ``notes`` say what was mended on the way
+    (a value truncated, a fallback used) and go on the event's timeline."""
 
     payload: dict[str, Any]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

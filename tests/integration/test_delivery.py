@@ -1,7 +1,9 @@
-"""Delivery end to end: real Redis, web, Celery workers, scheduler and the Rilla sandbox.
+"""Delivery end to end: real Redis, web, Celery workers, scheduler, the history process (on
+a SQLite file) and the Rilla sandbox.
 
 Each test starts its own processes (tests/system.py) and stops them; every wait is bounded,
-and waits for what it needs (a condition polled in Redis or the sandbox), not for a fixed time.
+and waits for what it needs (a condition polled in Redis, history or the sandbox), not for a
+fixed time.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import pytest
 import redis
 import requests
 
-from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_EVENTS
-from rilla_bridge.events import EventStore
 from tests.support import RedisServer
 from tests.system import BIN, ROOT, System
 
@@ -61,12 +61,6 @@ def until(check: Callable[[], Any], timeout: float, what: str, interval: float =
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def status(store: EventStore, event_id: str) -> str | None:
-    record = store.get(event_id) or {}
-    value: str | None = record.get("status")
-    return value
-
-
 def appointments(sys_: System, api_key: str | None = None) -> list[dict[str, Any]]:
     params = {"api_key": api_key} if api_key else None
     rows: list[dict[str, Any]] = sys_.sandbox("appointments", params=params)
@@ -86,21 +80,24 @@ def dlq_rows(sys_: System) -> list[dict[str, Any]]:
 
 
 def dead_letters(sys_: System) -> list[str]:
-    """Ids in the dead-letter index, straight from Redis (``dlq_rows`` runs the command line:
-    half a second a call, too slow to poll)."""
+    """Event ids of the open dead letters, read from history (``dlq_rows`` runs the command
+    line: half a second a call, too slow to poll)."""
+    return [str(r["event_id"]) for r in sys_.history.open_dead_letters()]
+
+
+def unfinished(sys_: System) -> int:
+    """Events received and not finished, across tenants (Redis holds only those)."""
     with redis.Redis.from_url(sys_.redis_url) as client:
-        return [i.decode() for i in client.zrange(keys.DLQ_INDEX, 0, -1)]
+        return sum(int(client.zcard(k)) for k in client.scan_iter("rb:open:*"))
 
 
 def settled(sys_: System) -> bool:
-    """Nothing left that could still reach Rilla: no event pending, waiting for a retry or
-    queued, and no message held by a worker (Celery acks late, after the outcome is stored)."""
+    """Nothing left that could still reach Rilla: no event unfinished, nothing queued, and
+    no message held by a worker (Celery acks late, after the outcome is stored)."""
     with redis.Redis.from_url(sys_.redis_url) as client, client.pipeline() as pipe:
-        pipe.zcard(keys.PENDING)
-        pipe.zcard(keys.RETRY)
         pipe.llen(QUEUE_EVENTS)
         pipe.hlen("unacked")   # kombu's Redis transport: messages taken, not acked yet
-        return not any(pipe.execute())
+        return unfinished(sys_) == 0 and not any(pipe.execute())
 
 
 def post_ok(sys_: System, tenant: str, body: dict[str, Any] | bytes,
@@ -126,17 +123,13 @@ def systems(own_redis: RedisServer) -> Iterator[Callable[..., System]]:
         s.stop()
 
 
-@pytest.fixture
-def store(own_redis: RedisServer) -> EventStore:
-    return EventStore(redis.Redis.from_url(own_redis.url))
-
-
 def _everything(sys_: System, orgs: tuple[str, ...] = (), latency_ms: int = 0,
                 concurrency: int = 20) -> None:
     sys_.start_rilla_sandbox(*orgs, latency_ms=latency_ms, wait=False)
     sys_.start_web(wait=False)
     sys_.start_worker(concurrency=concurrency, wait=False)
     sys_.start_scheduler(wait=False)
+    sys_.start_history(wait=False)
     sys_.ready()
 
 
@@ -148,13 +141,13 @@ def _upserts(sys_: System) -> dict[str, int]:
 # -- a) SIGKILL of a worker mid-delivery ----------------------------------------------------
 
 @pytest.mark.slow
-def test_sigkill_worker_mid_delivery_loses_nothing(systems: Callable[..., System],
-                                                    store: EventStore) -> None:
-    s = systems(VISIBILITY_TIMEOUT_SECONDS="10", STALE_PENDING_SECONDS="20",
-                RILLA_READ_TIMEOUT="3", RILLA_CONNECT_TIMEOUT="1")
+def test_sigkill_worker_mid_delivery_loses_nothing(systems: Callable[..., System]) -> None:
+    s = systems(VISIBILITY_TIMEOUT_SECONDS="10", RILLA_READ_TIMEOUT="3",
+                RILLA_CONNECT_TIMEOUT="1")
     s.start_rilla_sandbox(latency_ms=200, wait=False)
     s.start_web(wait=False)
     s.start_scheduler(wait=False)
+    s.start_history(wait=False)
     s.ready()
     n = 200
     accepted = [post_ok(s, "acme", call_body(i)) for i in range(n)]
@@ -164,7 +157,7 @@ def test_sigkill_worker_mid_delivery_loses_nothing(systems: Callable[..., System
     killed_at = len(_upserts(s))
     s.start_worker("worker2", concurrency=20)
     until(lambda: len(appointments(s)) == n, 90, "every call in the sandbox")
-    until(lambda: all(status(store, e) == "delivered" for e in accepted), 30,
+    until(lambda: all(s.history.status(e) == "delivered" for e in accepted), 30,
           "every event marked delivered")
     counts = _upserts(s)
     assert len(counts) == n
@@ -188,7 +181,7 @@ def test_sigkill_worker_mid_delivery_loses_nothing(systems: Callable[..., System
 @pytest.mark.slow
 def test_redis_restart_keeps_every_accepted_event(systems: Callable[..., System],
                                                   own_redis: RedisServer) -> None:
-    s = systems(STALE_PENDING_SECONDS="10", VISIBILITY_TIMEOUT_SECONDS="15")
+    s = systems(VISIBILITY_TIMEOUT_SECONDS="15")
     _everything(s, latency_ms=400, concurrency=10)  # a backlog builds: work is in flight
     accepted: list[int] = []
     refused = 0
@@ -214,7 +207,7 @@ def test_redis_restart_keeps_every_accepted_event(systems: Callable[..., System]
     poster = threading.Thread(target=post_all)
     poster.start()
     until(lambda: len(accepted) >= 60, 30, "events accepted before the restart")
-    pending = redis.Redis.from_url(own_redis.url).zcard("rb:pending")
+    pending = unfinished(s)
     own_redis.stop(kill=False)
     time.sleep(2)
     own_redis.start()
@@ -236,14 +229,13 @@ def test_redis_restart_keeps_every_accepted_event(systems: Callable[..., System]
 
 # -- c) Rilla answers 500 for a while --------------------------------------------------------
 
-def test_server_errors_then_recovery(systems: Callable[..., System],
-                                     store: EventStore) -> None:
+def test_server_errors_then_recovery(systems: Callable[..., System]) -> None:
     s = systems(RETRY_MAX_DELAY_SECONDS="8")
     _everything(s)
     s.sandbox("faults", "POST", json={"status": 500, "count": 4})
     eid = post_ok(s, "acme", call_body(1))
     until(lambda: len(appointments(s)) == 1, 30, "delivery after the faults")
-    until(lambda: status(store, eid) == "delivered", 10, "delivered status")
+    until(lambda: s.history.status(eid) == "delivered", 10, "delivered status")
     shown = cli(s, "events", "show", eid, "--json")
     assert shown.returncode == 0, shown.stderr
     timeline = json.loads(shown.stdout)["timeline"]
@@ -259,29 +251,32 @@ def test_server_errors_then_recovery(systems: Callable[..., System],
 
 # -- d) 422: dead-lettered at once, fixed, replayed --------------------------------------------
 
-def test_unknown_rep_dead_lettered_then_replayed(systems: Callable[..., System],
-                                                 store: EventStore) -> None:
+def test_unknown_rep_dead_lettered_then_replayed(systems: Callable[..., System]) -> None:
     s = systems()
     _everything(s, orgs=(f"{ACME_KEY}=office@acme.example", BETA_KEY))
     eid = post_ok(s, "acme", call_body(7))  # rep mike.r@acme.example is not in the org
     until(lambda: dead_letters(s), 20, "the dead letter")
     (row,) = dlq_rows(s)
     assert (row["id"], row["status_code"], row["attempts"]) == (eid, 422, 1), (
-        row, store.timeline(eid), s.log("worker")[-4000:])
+        row, s.history.timeline(eid), s.log("worker")[-4000:])
     assert "User email is not in Rilla" in row["reason"]
     shown = json.loads(cli(s, "dlq", "show", eid, "--json").stdout)
     assert shown["response_body"] == "User email is not in Rilla"
     assert shown["payload"]["user_email"] == "mike.r@acme.example"
-    assert [e["what"] for e in store.timeline(eid)] == ["attempt", "dead_lettered"]
-    # Fix in Rilla (the rep is added to the org), then replay, twice.
+    assert [w for w in s.history.timeline(eid) if w != "received"] == [
+        "attempt", "dead_lettered"]
+    # Fix in Rilla (the rep is added to the org), then replay, twice: the second, before
+    # history knows of the first, is refused by Redis; after, the dead letter is closed.
     s.sandbox(f"orgs/{ACME_KEY}", "PUT",
               json={"users": ["office@acme.example", "mike.r@acme.example"]})
     first = cli(s, "dlq", "replay", eid)
     assert first.returncode == 0 and "replayed 1 of 1" in first.stdout, first.stdout
     second = cli(s, "dlq", "replay", eid)
-    assert second.returncode == 0 and "replayed 0 of 0" in second.stdout
+    assert second.returncode == 0 and "replayed 0 of" in second.stdout, second.stdout
     until(lambda: len(appointments(s)) == 1, 20, "the replayed delivery")
-    until(lambda: status(store, eid) == "delivered", 10, "delivered status")
+    until(lambda: s.history.status(eid) == "delivered", 10, "delivered status")
+    third = cli(s, "dlq", "replay", eid)
+    assert "replayed 0 of 0" in third.stdout and "not an open dead letter" in third.stderr
     until(lambda: settled(s), 10, "nothing left in flight")
     assert _upserts(s) == {f"callrail-{call_body(7)['resource_id']}": 1}
     assert dlq_rows(s) == []
@@ -316,17 +311,31 @@ def test_bad_data_is_dead_lettered_with_clear_reasons(systems: Callable[..., Sys
                     "no usable start time"),
         "start time": (call_body(2, start_time="half past four", datetime=""),
                        "no usable start time"),
-        "huge": (call_body(3, campaign="z" * 50_000), "custom field 'campaign'"),
         "unknown user": (call_body(4, agent_email="stranger@acme.example"),
                          "User email is not in Rilla"),
-        "duration": (call_body(5, duration="10" * 30), "duration"),
+        "internal recording": (call_body(6, recording="https://169.254.169.254/latest/x"),
+                               "non-public address"),
     }
+    # Odd optional values are mended, with a note, not worth a recorded call.
+    mended = {"huge": (call_body(3, campaign="z" * 50_000), "custom field 'campaign'"),
+              "duration": (call_body(5, duration="10" * 30), "duration")}
     ids: dict[str, str] = {}
     for i, (name, (body, _)) in enumerate(bad.items()):
         ids[name] = post_ok(s, "acme", body)
         post_ok(s, "acme", call_body(100 + i))  # a good event after each bad one
+    mended_ids = {name: post_ok(s, "acme", body) for name, (body, _) in mended.items()}
     until(lambda: len(dead_letters(s)) == len(bad), 30, "every bad event dead-lettered")
-    until(lambda: len(appointments(s)) == len(bad), 30, "every good event delivered")
+    until(lambda: len(appointments(s)) == len(bad) + len(mended), 30,
+          "every good or mended event delivered")
+    for name, (_, words) in mended.items():
+        def delivered(n: str = name) -> bool:
+            return s.history.status(mended_ids[n]) == "delivered"
+
+        until(delivered, 10, name)
+        found = s.history.event(mended_ids[name])
+        assert found is not None
+        notes = [e.get("text", "") for e in found["timeline"] if e["what"] == "note"]
+        assert any(words in n for n in notes), (name, found["timeline"])
     by_id = {r["id"]: r for r in dlq_rows(s)}
     for name, (_, words) in bad.items():
         row = by_id[ids[name]]
@@ -336,7 +345,7 @@ def test_bad_data_is_dead_lettered_with_clear_reasons(systems: Callable[..., Sys
     assert s.procs["worker"].poll() is None
     # Still delivering afterwards.
     post_ok(s, "acme", call_body(999))
-    until(lambda: len(appointments(s)) == len(bad) + 1, 20, "a later good event")
+    until(lambda: len(appointments(s)) == len(bad) + len(mended) + 1, 20, "a later good event")
 
 
 # -- f) tenant isolation --------------------------------------------------------------------

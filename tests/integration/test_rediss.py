@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from rilla_bridge.clock import SystemClock
-from rilla_bridge.lifecycle import Lifecycle
+from rilla_bridge.lifecycle import make_lifecycle
 from rilla_bridge.redis_conn import make_redis
-from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
 from tests.support import free_port, wait_for
 from tests.system import System
@@ -55,7 +54,7 @@ def test_plain_redis_client_refuses_a_self_signed_certificate_by_default(
 def test_intake_and_workers_over_rediss(tls_redis_url: str) -> None:
     settings = Settings(redis_url=tls_redis_url, redis_tls_cert_reqs="none")
     client = make_redis(settings)
-    lifecycle = Lifecycle(client, Scripts(client), SystemClock(), settings)
+    lifecycle = make_lifecycle(client, SystemClock(), settings, {})
     assert not lifecycle.receive(source="callrail", tenant="t", kind="post_call", body=b"{}",
                             call_id=None).duplicate
 

@@ -1,20 +1,19 @@
-"""Several schedulers moving the same due retries and lost events at once, on a real Redis
-server, from real threads: each event is queued exactly once (``lua/requeue.lua``)."""
+"""Several scheduler copies sweeping the same lanes at once, on a real Redis server, from real
+threads: each due retry and each event whose lease lapsed is queued exactly once
+(``lua/due.lua``, ``lua/recover.lua``, ``Lanes.sweep``)."""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
 
 import pytest
 import redis
 
 from rilla_bridge import keys
-from rilla_bridge.celery_messages import QUEUE_EVENTS
+from rilla_bridge.celery_messages import QUEUE_EVENTS, message_args
 from rilla_bridge.clock import FakeClock
 from tests.fakes import load, make_runtime
-from workers import scheduler
 from workers.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -23,14 +22,14 @@ COPIES = 4
 EVENTS = 200
 
 
-def race(rt: Runtime, move: Callable[[Runtime], int]) -> list[int]:
-    """Run ``move`` in COPIES threads released together; what each one moved."""
-    moved: list[int] = []
+def race(rt: Runtime) -> list[tuple[int, int, int]]:
+    """``Lanes.sweep`` in COPIES threads released together; what each one moved."""
+    moved: list[tuple[int, int, int]] = []
     barrier = threading.Barrier(COPIES)
 
     def one() -> None:
         barrier.wait(10)
-        moved.append(move(rt))
+        moved.append(rt.lanes.sweep())
 
     threads = [threading.Thread(target=one) for _ in range(COPIES)]
     for t in threads:
@@ -41,34 +40,39 @@ def race(rt: Runtime, move: Callable[[Runtime], int]) -> list[int]:
     return moved
 
 
-def seed(real_redis: redis.Redis) -> tuple[Runtime, FakeClock, list[str]]:
+def queued_ids(client: redis.Redis) -> list[str]:
+    out = []
+    for m in client.lrange(QUEUE_EVENTS, 0, -1):
+        args = message_args(m)
+        assert args is not None
+        out.append(str(args[0]))
+    return out
+
+
+def test_due_retries_and_lapsed_leases_are_queued_once(real_redis: redis.Redis) -> None:
     clock = FakeClock()
-    rt = make_runtime(real_redis, clock)
-    ids = [rt.lifecycle.receive(
-        source="callrail", tenant="acme", kind="post_call", call_id=None,
-        body=json.dumps({**load("callrail", "post_call"),
-                         "resource_id": f"CAL{i:032x}"}).encode()).event_id
-           for i in range(EVENTS)]
-    real_redis.delete(QUEUE_EVENTS)
-    return rt, clock, ids
-
-
-def queued(rt: Runtime) -> list[str]:
-    return [json.loads(m)["headers"]["argsrepr"].strip("[]'\"")
-            for m in rt.redis.lrange(QUEUE_EVENTS, 0, -1)]
-
-
-def test_due_retries_moved_concurrently_are_queued_once(real_redis: redis.Redis) -> None:
-    rt, clock, ids = seed(real_redis)
-    real_redis.zadd(keys.RETRY, {i: clock.now() + 1 for i in ids})
-    clock.advance(1)
-    assert sum(race(rt, scheduler.move_due_retries)) == EVENTS
-    assert sorted(queued(rt)) == sorted(ids)
-    assert real_redis.zcard(keys.RETRY) == 0 and real_redis.zcard(keys.PENDING) == EVENTS
-
-
-def test_lost_events_swept_concurrently_are_queued_once(real_redis: redis.Redis) -> None:
-    rt, clock, ids = seed(real_redis)
-    clock.advance(rt.settings.stale_pending_seconds + 1)
-    assert sum(race(rt, scheduler.sweep_lost)) == EVENTS
-    assert sorted(queued(rt)) == sorted(ids)
+    rt = make_runtime(real_redis, clock, tenant_max_inflight=EVENTS * 2,
+                      dispatch_queue_max=EVENTS * 2)
+    body = load("callrail", "post_call")
+    ids = []
+    for i in range(EVENTS):
+        body["resource_id"] = f"CAL{i:032d}"
+        stored = rt.lifecycle.receive(source="callrail", tenant="acme", kind="post_call",
+                                      body=json.dumps(body).encode(), call_id=None)
+        ids.append(stored.event_id)
+    assert sorted(queued_ids(real_redis)) == sorted(ids)   # each dispatched at once
+    real_redis.delete(QUEUE_EVENTS)                         # ... and their messages lost
+    half = ids[: EVENTS // 2]
+    # Half wait for a retry (due now), half hold lapsed dispatch leases.
+    with real_redis.pipeline() as pipe:
+        for eid in half:
+            pipe.zrem(keys.inflight("acme"), eid)
+            pipe.zadd(keys.retry("acme"), {eid: clock.now() - 1})
+        pipe.execute()
+    clock.advance(rt.lanes.dispatch_lease_ms / 1000 + 1)
+    moved = race(rt)
+    assert sum(m[0] for m in moved) == len(half)                 # due retries, once
+    assert sum(m[1] for m in moved) == EVENTS - len(half)        # recovered leases, once
+    queued = queued_ids(real_redis)
+    assert sorted(queued) == sorted(ids) and len(set(queued)) == EVENTS
+    assert real_redis.zcard(keys.retry("acme")) == 0

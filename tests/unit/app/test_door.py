@@ -589,6 +589,26 @@ def test_metrics_count_every_webhook_reply(client: FlaskClient) -> None:
     assert _intake_count("callingly") == timed["callingly"] + 2
 
 
+def test_over_the_intake_limit_is_a_429_counted_for_its_tenant(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(settings=Settings(tenant_intake_per_second=1),
+                     tenants=parse_tenants(TENANTS, env={}), redis_client=fake_redis,
+                     clock=clock)
+    app.testing = True
+    before = _webhooks("callrail", "acme", "429")
+    caplog.set_level(logging.INFO)
+    with app.test_client() as client:
+        assert [post_callrail(client, {**POST_CALL, "n": n}).status_code for n in (1, 2)] == [
+            202, 202]
+        resp = post_callrail(client, {**POST_CALL, "n": 3})
+    assert_error(resp, 429)
+    assert resp.status == "429 TOO MANY REQUESTS" and resp.headers["Retry-After"] == "1"
+    assert _webhooks("callrail", "acme", "429") == before + 1
+    last = [r for r in caplog.records if r.getMessage() == "request"][-1]
+    assert (last.status, last.tenant, last.kind) == (429, "acme", None)  # type: ignore[attr-defined]
+
+
 # -- hypothesis fuzz ------------------------------------------------------------------------
 # text that may hold lone surrogates: json.dumps escapes them ("\\ud800"), still valid JSON
 _any_text = st.lists(st.characters() | st.integers(0xD800, 0xDFFF).map(chr),
@@ -664,19 +684,31 @@ def test_fuzz_intake_never_5xx_and_rejections_store_nothing(
             assert method == "POST"
             data = resp.get_json()
             assert data["status"] in ("queued", "skipped", "duplicate")
+            entries: Any = redis_client.xrange(keys.HISTORY)
+            ((_, rec),) = entries                             # its `received` record
+            received = json.loads(rec[b"d"])
+            assert (received["id"], received["tenant"], received["source"]) == (
+                data["id"], tenant, source)
             stored = EventStore(redis_client).get(data["id"])
-            assert stored is not None and stored["tenant"] == tenant
-            assert stored["source"] == source
             if data["status"] == "queued":
-                assert stored["body"] == body
+                assert stored is not None and stored["tenant"] == tenant
+                assert stored["source"] == source and stored["body"] == body
+                assert rec[b"b"] == body
                 assert redis_client.llen(QUEUE_EVENTS) == 1
-                assert redis_client.zcard(keys.PENDING) == 1
+                assert redis_client.zcard(keys.inflight(tenant)) == 1
+                assert redis_client.zcard(keys.open_events(tenant)) == 1
+            elif data["status"] == "skipped":       # a lead event: finished, body not kept
+                assert stored is None and b"b" not in rec
+                assert redis_client.llen(QUEUE_EVENTS) == 0
         else:
             assert resp.status_code in (400, 401, 404, 405, 413)
             if method != "POST":
                 assert resp.status_code in (404, 405)
             assert resp.get_json()["error"]
-            assert redis_client.keys("*") == []
+            # A 400 comes after the tenant's intake limit (SPEC's order): the refused body
+            # counted against it, and that count is all it left in Redis.
+            counted = [keys.intake_limit(tenant).encode()] if resp.status_code == 400 else []
+            assert redis_client.keys("*") == counted
             assert redis_client.llen(QUEUE_EVENTS) == 0
     finally:
         redis_client.close()

@@ -4,7 +4,6 @@ size limit, 405, logging) is in ``test_door.py``."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from typing import Any
@@ -12,15 +11,15 @@ from typing import Any
 import fakeredis
 import pytest
 
-from app.intake import Intake, Reply, WebhookRequest, parse_object
+from app.intake import Intake, Reply, WebhookRequest
 from rilla_bridge import keys
-from rilla_bridge.celery_messages import QUEUE_EVENTS, TASK_PROCESS_EVENT, queued_at
+from rilla_bridge.celery_messages import QUEUE_EVENTS, TASK_PROCESS_EVENT, message_args
 from rilla_bridge.clock import FakeClock
 from rilla_bridge.events import EventStore
-from rilla_bridge.lifecycle import Lifecycle
+from rilla_bridge.history.records import Record
+from rilla_bridge.lifecycle import dedup_digest, make_lifecycle
 from rilla_bridge.providers import callingly, callrail
 from rilla_bridge.providers.callrail import signature as callrail_signature
-from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import parse_tenants
 from tests.fakes import FIXTURES
@@ -66,8 +65,14 @@ CALL_COMPLETED = (FIXTURES / "callingly" / "call_completed.json").read_bytes()
 
 
 def make_intake(client: Any, clock: FakeClock, settings: Settings | None = None) -> Intake:
-    lifecycle = Lifecycle(client, Scripts(client), clock, settings or Settings())
-    return Intake(parse_tenants(TENANTS, env={}), lifecycle)
+    tenants, settings = parse_tenants(TENANTS, env={}), settings or Settings()
+    return Intake(tenants, make_lifecycle(client, clock, settings, tenants), settings)
+
+
+def received(client: Any) -> list[Record]:
+    """The ``received`` history records intake appended, oldest first."""
+    return [r for r in (Record.from_entry(sid, f) for sid, f in client.xrange(keys.HISTORY))
+            if r.type == "received"]
 
 
 @pytest.fixture
@@ -115,6 +120,13 @@ def assert_nothing_stored(client: Any) -> None:
     assert client.llen(QUEUE_EVENTS) == 0
 
 
+def assert_only_counted(client: Any, tenant: str = "acme") -> None:
+    """Refused after the intake limit (a bad body, an unknown ``?event=``): nothing stored,
+    but the webhook counted against its tenant's limit."""
+    assert client.keys("*") == [keys.intake_limit(tenant).encode()]
+    assert client.hget(keys.intake_limit(tenant), "e") is not None
+
+
 def assert_error(reply: Reply, code: int) -> dict[str, Any]:
     assert reply.status == code, reply.body
     data = answer(reply)
@@ -150,30 +162,32 @@ def test_callrail_accepted_is_stored_and_queued(intake: Intake, store: EventStor
     assert event["call_id"] == "CAL123"
     assert event["body"] == raw
     assert event["status"] == "queued"
-    assert event["size"] == str(len(raw))
-    assert event["sha256"] == hashlib.sha256(raw).hexdigest()
     assert float(event["received_at"]) == clock.now()
+    # Its history record, with the raw body, written in the same step.
+    (rec,) = received(fake_redis)
+    assert rec.body == raw
+    assert (rec.data["id"], rec.data["size"], rec.data["sha256"], rec.data["kept"]) == (
+        data["id"], len(raw), hashlib.sha256(raw).hexdigest(), True)
+    # The tenant has a slot free: dispatched at once (its slot taken, its message queued).
     messages = fake_redis.lrange(QUEUE_EVENTS, 0, -1)
     assert len(messages) == 1
     msg = json.loads(messages[0])
     assert msg["headers"]["task"] == TASK_PROCESS_EVENT
-    args = json.loads(base64.b64decode(msg["body"]))[0]
-    assert args == [data["id"]]
-    assert queued_at(messages[0]) == round(clock.now(), 3)
-    assert fake_redis.zscore(keys.PENDING, data["id"]) == clock.now()
+    assert json.loads(msg["body"])[0] == [data["id"], "acme"]
+    assert message_args(messages[0]) == [data["id"], "acme"]
+    assert fake_redis.zscore(keys.inflight("acme"), data["id"]) is not None
+    assert fake_redis.zscore(keys.open_events("acme"), data["id"]) == clock.now()
 
 
-def test_stored_event_and_dedup_key_expire_as_configured(fake_redis: fakeredis.FakeRedis,
-                                                         clock: FakeClock) -> None:
-    intake = make_intake(fake_redis, clock,
-                         Settings(dedup_window_seconds=600, event_retention_seconds=7200))
+def test_the_dedup_key_expires_and_the_event_stays_until_finished(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    intake = make_intake(fake_redis, clock, Settings(dedup_window_seconds=600))
     raw = json.dumps(POST_CALL).encode()
     event_id = answer(post_callrail(intake, raw))["id"]
-    digest = hashlib.sha256(raw).hexdigest()
-    dedup = keys.dedup("callrail", "acme", "post_call", digest)
+    dedup = keys.dedup(dedup_digest("callrail", "acme", raw))
     assert fake_redis.get(dedup) == event_id.encode()
     assert fake_redis.ttl(dedup) == 600
-    assert fake_redis.ttl(keys.event(event_id)) == 7200
+    assert fake_redis.ttl(keys.event(event_id)) == -1      # no expiry: a worker finishes it
 
 
 def test_callingly_accepted_is_stored_and_queued(intake: Intake, store: EventStore,
@@ -203,7 +217,7 @@ def test_identical_body_is_a_duplicate_with_the_same_id(intake: Intake,
     assert answer(second) == {"id": answer(first)["id"], "status": "duplicate"}
     assert second.event_id == first.event_id and second.kind == "post_call"
     assert fake_redis.llen(QUEUE_EVENTS) == 1
-    assert len(fake_redis.keys("rb:ev:*")) == 1
+    assert len(fake_redis.keys("rb:ev:*")) == 1 and len(received(fake_redis)) == 1
     # a different body is a new event
     third = post_callrail(intake, {**POST_CALL, "duration": "43"})
     assert third.status == 202
@@ -217,11 +231,14 @@ def test_callingly_duplicate(intake: Intake) -> None:
     assert answer(second) == {"id": answer(first)["id"], "status": "duplicate"}
 
 
-def test_same_body_different_kind_is_not_a_duplicate(intake: Intake) -> None:
+def test_same_body_with_another_event_param_is_still_a_duplicate(
+        intake: Intake, fake_redis: fakeredis.FakeRedis) -> None:
+    """``?event=`` is not signed: a captured body replayed under another kind is a repeat."""
     first = post_callrail(intake, POST_CALL, event="post_call")
     second = post_callrail(intake, POST_CALL, event="call_modified")
-    assert (first.status, second.status) == (202, 202)
-    assert answer(first)["id"] != answer(second)["id"]
+    assert (first.status, second.status) == (202, 200)
+    assert answer(second) == {"id": answer(first)["id"], "status": "duplicate"}
+    assert len(received(fake_redis)) == 1 and fake_redis.llen(QUEUE_EVENTS) == 1
 
 
 def test_same_body_for_another_tenant_is_not_a_duplicate(intake: Intake) -> None:
@@ -314,25 +331,41 @@ def test_callrail_bad_body(intake: Intake, fake_redis: fakeredis.FakeRedis, raw:
     reply = post_callrail(intake, raw)
     assert_error(reply, 400)
     assert reply.tenant == "acme"
-    assert_nothing_stored(fake_redis)
+    assert_only_counted(fake_redis)
 
 
 @pytest.mark.parametrize("raw", BAD_BODIES)
 def test_callingly_bad_body(intake: Intake, fake_redis: fakeredis.FakeRedis, raw: bytes) -> None:
     assert_error(post_callingly(intake, raw), 400)
-    assert_nothing_stored(fake_redis)
+    assert_only_counted(fake_redis)
 
 
-@pytest.mark.parametrize(("raw", "reason"), [
-    (b"", "empty body: expected a JSON object"),
-    (b"\xff", "body is not valid UTF-8"),
-    (b"{", "body is not valid JSON"),
-    (b"[" * 100_000, "body is not valid JSON"),
-    (b"[]", "body must be a JSON object"),
-])
-def test_parse_object_says_why(raw: bytes, reason: str) -> None:
-    assert parse_object(raw) == reason
-    assert parse_object(b'{"a": [1]}') == {"a": [1]}
+@pytest.mark.parametrize("raw", [b'{"resource_id": "CAL1", "duration": NaN}',
+                                 b'{"resource_id": "CAL1", "duration": Infinity}',
+                                 b'{"resource_id": "CAL1", "value": -Infinity}'])
+def test_nan_and_infinity_are_a_bad_body(intake: Intake, fake_redis: fakeredis.FakeRedis,
+                                         raw: bytes) -> None:
+    assert assert_error(post_callrail(intake, raw), 400) == {"error": "body is not valid JSON"}
+    assert_only_counted(fake_redis)
+
+
+def test_a_leading_byte_order_mark_is_accepted(intake: Intake, store: EventStore) -> None:
+    raw = b"\xef\xbb\xbf" + json.dumps(POST_CALL).encode()
+    reply = post_callrail(intake, raw)              # signed over the bytes sent, mark included
+    assert reply.status == 202 and reply.kind == "post_call"
+    event = store.get(answer(reply)["id"])
+    assert event is not None and event["body"] == raw and event["call_id"] == "CAL123"
+    reply = post_callingly(intake, b"\xef\xbb\xbf" + CALL_COMPLETED)
+    assert reply.status == 202 and reply.kind == "call_completed"
+
+
+def test_a_huge_number_is_a_missing_field_not_a_bad_body(intake: Intake,
+                                                         store: EventStore) -> None:
+    raw = b'{"resource_id": "CAL123", "duration": ' + b"9" * 5000 + b"}"
+    reply = post_callrail(intake, raw)
+    assert reply.status == 202, reply.body
+    event = store.get(answer(reply)["id"])
+    assert event is not None and event["body"] == raw and event["call_id"] == "CAL123"
 
 
 @pytest.mark.parametrize("event", ["", "post-call", "POST_CALL", "call_completed", "nope",
@@ -341,14 +374,107 @@ def test_callrail_unknown_event_param(intake: Intake, fake_redis: fakeredis.Fake
                                       event: str) -> None:
     data = assert_error(post_callrail(intake, POST_CALL, event=event), 400)
     assert len(data["error"]) < 1000
-    assert_nothing_stored(fake_redis)
+    assert_only_counted(fake_redis)
 
 
 @pytest.mark.parametrize("event", ["", "post_call", "lead", "CALL_COMPLETED"])
 def test_callingly_unknown_event_param(intake: Intake, fake_redis: fakeredis.FakeRedis,
                                        event: str) -> None:
     assert_error(post_callingly(intake, {"id": 1, "seconds": 5}, event=event), 400)
+    assert_only_counted(fake_redis)
+
+
+# -- 429: the tenant's intake limit --------------------------------------------------------------
+def limited(fake_redis: fakeredis.FakeRedis, clock: FakeClock, tenants_toml: str = TENANTS,
+            **settings: Any) -> Intake:
+    tenants, s = parse_tenants(tenants_toml, env={}), Settings(**settings)
+    return Intake(tenants, make_lifecycle(fake_redis, clock, s, tenants), s)
+
+
+def assert_limited(reply: Reply, wait: int) -> None:
+    assert_error(reply, 429)
+    assert reply.headers == (("Retry-After", str(wait)),)
+    assert reply.tenant == "acme" and reply.kind is None
+
+
+def test_over_the_events_per_second_limit_is_429_and_stores_nothing(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    intake = limited(fake_redis, clock, tenant_intake_per_second=1)
+    # One event a second, with two seconds of burst.
+    assert [post_callrail(intake, {**POST_CALL, "n": n}).status for n in (1, 2)] == [202, 202]
+    reply = post_callrail(intake, {**POST_CALL, "n": 3})
+    assert_limited(reply, 1)
+    assert len(received(fake_redis)) == 2 and fake_redis.zcard(keys.open_events("acme")) == 2
+    # The limit is the tenant's own: another tenant is not slowed down.
+    assert post_callrail(intake, POST_CALL, tenant="cronly",
+                         key="cronly-signing-key-03").status == 202
+    clock.advance(1)
+    assert post_callrail(intake, {**POST_CALL, "n": 3}).status == 202
+    assert len(received(fake_redis)) == 4
+
+
+def test_over_the_bytes_per_minute_limit_is_429(fake_redis: fakeredis.FakeRedis,
+                                                clock: FakeClock) -> None:
+    # 0.001 MiB a minute: 1,048.576 bytes of burst, refilled at 17.476 bytes a second.
+    intake = limited(fake_redis, clock, tenant_intake_mib_per_minute=0.001)
+    body = {**POST_CALL, "pad": "x" * 518}
+    raw = json.dumps(body).encode()
+    assert len(raw) == 600
+    assert post_callrail(intake, raw).status == 202                       # 448.6 bytes left
+    assert_limited(post_callrail(intake, {**body, "pad": "y" * 518}), 9)  # (600 - 448.6) / 17.5
+    assert post_callrail(intake, {"resource_id": "CAL9"}).status == 202   # 23 bytes still fit
+    clock.advance(9)                                                      # 425.6 + 157.3
+    assert_limited(post_callrail(intake, {**body, "pad": "y" * 518}), 1)
+    clock.advance(1)
+    assert post_callrail(intake, {**body, "pad": "y" * 518}).status == 202
+
+
+def test_a_body_larger_than_a_minutes_allowance_needs_all_of_it(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    intake = limited(fake_redis, clock, tenant_intake_mib_per_minute=0.001)
+    big = {**POST_CALL, "pad": "x" * 5000}
+    assert post_callrail(intake, big).status == 202          # the whole allowance, not refused
+    assert_limited(post_callrail(intake, {**big, "n": 2}), 60)
+
+
+def test_the_tenants_own_limit_wins_over_the_settings(fake_redis: fakeredis.FakeRedis,
+                                                      clock: FakeClock) -> None:
+    own = TENANTS.replace('[tenants.acme.callrail]',
+                          'intake_per_second = 0.5\n[tenants.acme.callrail]')
+    intake = limited(fake_redis, clock, own, tenant_intake_per_second=1000)
+    assert post_callrail(intake, {**POST_CALL, "n": 1}).status == 202     # a burst of one
+    assert_limited(post_callrail(intake, {**POST_CALL, "n": 2}), 2)
+    for n in range(3, 8):                                    # the others keep the default
+        assert post_callrail(intake, {**POST_CALL, "n": n}, tenant="cronly",
+                             key="cronly-signing-key-03").status == 202
+
+
+def test_bad_bodies_count_against_the_limit_and_429_comes_before_400(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    intake = limited(fake_redis, clock, tenant_intake_per_second=1)
+    assert_error(post_callrail(intake, b"not json"), 400)
+    assert_error(post_callrail(intake, POST_CALL, event="bogus"), 400)
+    assert_limited(post_callrail(intake, b"not json"), 1)       # the limit, then the body
+    assert_limited(post_callrail(intake, POST_CALL), 1)         # a good one waits too
+    assert_only_counted(fake_redis)
+
+
+def test_refused_signatures_and_unknown_tenants_do_not_count(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    intake = limited(fake_redis, clock, tenant_intake_per_second=1)
+    for _ in range(5):
+        assert_error(post_callrail(intake, POST_CALL, key="wrong-key-0000000"), 401)
+        assert_error(post_callingly(intake, CALL_COMPLETED, token="wrong"), 401)
+        assert_error(post_callrail(intake, POST_CALL, tenant="nobody"), 404)
     assert_nothing_stored(fake_redis)
+    assert [post_callrail(intake, {**POST_CALL, "n": n}).status for n in (1, 2)] == [202, 202]
+
+
+def test_the_default_limit_is_200_a_second(fake_redis: fakeredis.FakeRedis,
+                                           clock: FakeClock) -> None:
+    intake = limited(fake_redis, clock)
+    assert all(post_callrail(intake, {**POST_CALL, "n": n}).status == 202 for n in range(400))
+    assert_limited(post_callrail(intake, {**POST_CALL, "n": 400}), 1)
 
 
 # -- order (size comes first, at the door: test_door.py) ---------------------------------------
@@ -382,14 +508,17 @@ def test_redis_down_is_503_with_retry_after_then_recovers(clock: FakeClock) -> N
         reply = post_callrail(intake, POST_CALL)
         assert_error(reply, 503)
         assert ("Retry-After", "5") in reply.headers
-        assert (reply.tenant, reply.kind) == ("acme", "post_call")
+        assert (reply.tenant, reply.kind) == ("acme", None)    # nothing was stored as a kind
         reply = post_callingly(intake, {"id": 9, "seconds": 3})
         assert_error(reply, 503)
-        assert dict(reply.headers)["Retry-After"] == "5"
-        # checks that need no Redis still answer as before
+        assert dict(reply.headers)["Retry-After"] == "5" and reply.kind is None
+        # checks before the intake limit need no Redis and answer as before...
         assert_error(post_callrail(intake, POST_CALL, key="wrong-key-000"), 401)
         assert_error(post_callrail(intake, POST_CALL, tenant="nobody"), 404)
-        assert_error(post_callrail(intake, b"[]"), 400)
+        # ...the limit (and so a bad body, which counts against it) needs Redis
+        reply = post_callrail(intake, b"[]")
+        assert_error(reply, 503)
+        assert dict(reply.headers)["Retry-After"] == "5"
 
         server.connected = True
         reply = post_callrail(intake, POST_CALL)
@@ -513,6 +642,9 @@ def test_callrail_event_param_wins_over_shape(intake: Intake, store: EventStore,
     ("lead_updated.json", None, "lead_updated"),
     ("lead_created.json", "lead_created", "lead_created"),
     ("call_completed.json", "lead_updated", "lead_updated"),
+    # a lead body is a lead, whatever the unsigned ?event= claims
+    ("lead_created.json", "call_completed", "lead_created"),
+    ("lead_updated.json", "call_completed", "lead_updated"),
 ])
 def test_callingly_lead_events_are_skipped_and_not_kept(
         intake: Intake, store: EventStore, fake_redis: fakeredis.FakeRedis, fixture: str,
@@ -523,25 +655,47 @@ def test_callingly_lead_events_are_skipped_and_not_kept(
     data = answer(reply)
     assert data["status"] == "skipped"
     assert kind in callingly.UNKEPT_KINDS
-    stored = store.get(data["id"])
-    assert stored is not None
-    assert stored["kind"] == kind
-    assert stored["status"] == "skipped"
-    assert stored["call_id"] == ""          # a lead is not a call
-    assert stored["note"] == "Callingly lead event: acknowledged, body not kept"
-    assert "body" not in stored
-    assert stored["sha256"] == hashlib.sha256(raw).hexdigest()
+    # Finished at once: only its history record, without the body.
+    assert store.get(data["id"]) is None
+    (rec,) = received(fake_redis)
+    assert rec.body is None
+    assert rec.data["id"] == data["id"]
+    assert (rec.data["kind"], rec.data["status"], rec.data["kept"]) == (kind, "skipped", False)
+    assert rec.data["call_id"] is None          # a lead is not a call
+    assert rec.data["note"] == "Callingly lead event: acknowledged, body not kept"
+    assert rec.data["sha256"] == hashlib.sha256(raw).hexdigest()
     assert fake_redis.llen(QUEUE_EVENTS) == 0
-    assert fake_redis.zcard(keys.PENDING) == 0
+    assert fake_redis.zcard(keys.open_events("acme")) == 0
+    assert fake_redis.llen(keys.lane("acme")) == 0
     # nothing of the body anywhere in Redis
     for key in fake_redis.keys("*"):
-        if fake_redis.type(key) == b"hash":
+        kind_of_key = fake_redis.type(key)
+        if kind_of_key == b"hash":
             values = b" ".join(v for v in fake_redis.hvals(key) if isinstance(v, bytes))
-            assert b"marcus" not in values.lower()
-            assert raw not in values
+        elif kind_of_key == b"stream":
+            entries: Any = fake_redis.xrange(key)
+            values = b" ".join(v for _, f in entries for v in f.values())
+        else:
+            continue
+        assert b"marcus" not in values.lower()
+        assert raw not in values
     # the same lead event again is a duplicate of the first
     again = post_callingly(intake, raw, event=event)
     assert (again.status, answer(again)) == (200, {"id": data["id"], "status": "duplicate"})
+
+
+@pytest.mark.parametrize("secret", [{"two_factor_secret": "JBSWY3DPEHPK3PXP"},
+                                    {"user": {"openai_key": "sk-proj-0000"}}])
+def test_a_call_body_carrying_a_leads_secrets_is_not_kept(
+        intake: Intake, store: EventStore, fake_redis: fakeredis.FakeRedis,
+        secret: dict[str, Any]) -> None:
+    raw = json.dumps({**json.loads(CALL_COMPLETED), **secret}).encode()
+    reply = post_callingly(intake, raw, event="call_completed")
+    assert reply.status == 202 and answer(reply)["status"] == "skipped"
+    assert reply.kind == "lead_updated"
+    (rec,) = received(fake_redis)
+    assert rec.body is None and rec.data["kept"] is False
+    assert store.get(answer(reply)["id"]) is None and fake_redis.llen(QUEUE_EVENTS) == 0
 
 
 @pytest.mark.parametrize("event", ["call_completed", None])
@@ -595,5 +749,5 @@ def test_received_at_and_id_follow_the_clock(fake_redis: fakeredis.FakeRedis) ->
     store = EventStore(fake_redis)
     got = [float(store.get(i)["received_at"]) for i in (first, second)]  # type: ignore[index]
     assert got == [1_800_000_000.0, 1_800_000_002.5]
-    assert fake_redis.zrange(keys.PENDING, 0, -1, withscores=True) == [
+    assert fake_redis.zrange(keys.open_events("acme"), 0, -1, withscores=True) == [
         (first.encode(), 1_800_000_000.0), (second.encode(), 1_800_000_002.5)]

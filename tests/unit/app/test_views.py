@@ -10,13 +10,16 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
 from app import create_app
+from app.metrics import RedisStateCollector
 from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
 from rilla_bridge.clock import FakeClock
+from rilla_bridge.lifecycle import ClaimCode, Lifecycle, Outcome, Status, make_lifecycle
 from rilla_bridge.providers.callrail import signature as callrail_signature
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import parse_tenants
@@ -32,8 +35,11 @@ rilla_api_key = "vector-rilla-key-000002"
 """
 
 
+ADMIN = "admin-token-for-the-tests-0001"
+
+
 def build_app(client: Any, clock: FakeClock) -> Flask:
-    app = create_app(settings=Settings(), tenants=parse_tenants(TENANTS, env={}),
+    app = create_app(settings=Settings(admin_token=ADMIN), tenants=parse_tenants(TENANTS, env={}),
                      redis_client=client, clock=clock)
     app.testing = True
     return app
@@ -43,6 +49,10 @@ def build_app(client: Any, clock: FakeClock) -> Flask:
 def client(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> Iterator[FlaskClient]:
     with build_app(fake_redis, clock).test_client() as c:
         yield c
+
+
+def metrics(client: FlaskClient) -> Any:
+    return client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
 
 
 def _lines(resp: Any) -> list[str]:
@@ -70,22 +80,92 @@ def test_redis_down_readyz_is_503_healthz_still_ok(clock: FakeClock) -> None:
             assert ready.status_code == 503 and ready.headers["Retry-After"] == "5"
             assert ready.get_json() == {"error": "redis unreachable"}
             assert client.get("/healthz").status_code == 200
-            lines = _lines(client.get("/metrics"))
+            lines = _lines(metrics(client))
             assert "rilla_bridge_redis_up 0.0" in lines
             server.connected = True
             assert client.get("/readyz").status_code == 200
-            assert "rilla_bridge_redis_up 1.0" in _lines(client.get("/metrics"))
+            assert "rilla_bridge_redis_up 1.0" in _lines(metrics(client))
     finally:
         redis_client.close()
 
 
-def test_metrics_show_events_waiting_for_a_tenant_slot(client: FlaskClient,
-                                                       fake_redis: fakeredis.FakeRedis) -> None:
-    fake_redis.zadd(keys.cap_wait("acme"), {"ev_a": 1.0, "ev_b": 2.0})
-    fake_redis.hset(keys.cap_wait_messages("acme"), "ev_a", "{}")   # not counted
-    lines = _lines(client.get("/metrics"))
-    assert 'rilla_bridge_waiting_for_slot{tenant="acme"} 2.0' in lines
-    assert 'rilla_bridge_waiting_for_slot{tenant="vector"} 0.0' in lines
+def test_readyz_writes_its_probe_key(client: FlaskClient,
+                                    fake_redis: fakeredis.FakeRedis) -> None:
+    assert client.get("/readyz").status_code == 200
+    assert fake_redis.get(keys.READY_PROBE) == b"1"
+    assert 0 < fake_redis.pttl(keys.READY_PROBE) <= 60_000       # it expires by itself
+
+
+def test_readyz_fails_when_redis_refuses_writes(client: FlaskClient,
+                                                fake_redis: fakeredis.FakeRedis,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full Redis (maxmemory with noeviction) answers PING but refuses every write: intake
+    could store nothing, so the web process is not ready."""
+    def full(*_: Any, **__: Any) -> None:
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(fake_redis, "set", full)
+    assert fake_redis.ping()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.headers["Retry-After"] == "5"
+    assert ready.get_json() == {"error": "redis refuses writes (out of memory?)"}
+    assert client.get("/healthz").status_code == 200
+    monkeypatch.undo()
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("header", [
+    None, "", "Bearer", "Bearer ", f"Bearer {ADMIN}x", f"Bearer {ADMIN[:-1]}",
+    f"bearer {ADMIN}", f"Basic {ADMIN}", ADMIN, f"Token {ADMIN}",
+])
+def test_metrics_need_the_admin_token(client: FlaskClient, header: str | None) -> None:
+    resp = client.get("/metrics", headers={"Authorization": header} if header is not None
+                      else {})
+    assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+    assert resp.get_json() == {"error": "metrics need Authorization: Bearer <ADMIN_TOKEN>"}
+    text = resp.get_data(as_text=True)
+    assert "acme" not in text and "vector" not in text and ADMIN not in text
+
+
+def test_metrics_accept_the_admin_token_with_surrounding_spaces(client: FlaskClient) -> None:
+    resp = client.get("/metrics", headers={"Authorization": f"Bearer  {ADMIN} "})
+    assert resp.status_code == 200 and "rilla_bridge_redis_up 1.0" in _lines(resp)
+
+
+@pytest.mark.parametrize("header", [None, "Bearer ", "Bearer", "Bearer x"])
+def test_metrics_refuse_everyone_without_an_admin_token(fake_redis: fakeredis.FakeRedis,
+                                                        clock: FakeClock,
+                                                        header: str | None) -> None:
+    app = create_app(settings=Settings(), tenants=parse_tenants(TENANTS, env={}),
+                     redis_client=fake_redis, clock=clock)
+    with app.test_client() as c:
+        resp = c.get("/metrics", headers={"Authorization": header} if header else {})
+    assert resp.status_code == 401
+
+
+def test_metrics_show_redis_memory_against_its_limit(client: FlaskClient,
+                                                     fake_redis: fakeredis.FakeRedis,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fake_redis, "info", lambda *_a, **_k: {
+        "used_memory": 734003200, "maxmemory": 1073741824})
+    lines = _lines(metrics(client))
+    assert "rilla_bridge_redis_memory_used_bytes 7.340032e+08" in lines
+    assert "rilla_bridge_redis_memory_max_bytes 1.073741824e+09" in lines
+
+
+def test_metrics_show_the_tenants_lanes_and_pauses(client: FlaskClient,
+                                                   fake_redis: fakeredis.FakeRedis) -> None:
+    fake_redis.rpush(keys.lane("acme"), "ev_a", "ev_b")
+    fake_redis.rpush(keys.bulk_lane("acme"), "ev_c")
+    fake_redis.sadd(keys.PAUSED, "vector")
+    fake_redis.sadd(keys.TENANTS, "gone")          # removed from the file, work left over
+    lines = _lines(metrics(client))
+    assert 'rilla_bridge_waiting_events{lane="live",tenant="acme"} 2.0' in lines
+    assert 'rilla_bridge_waiting_events{lane="bulk",tenant="acme"} 1.0' in lines
+    assert 'rilla_bridge_waiting_events{lane="live",tenant="vector"} 0.0' in lines
+    assert 'rilla_bridge_tenant_paused{tenant="vector"} 1.0' in lines
+    assert 'rilla_bridge_tenant_paused{tenant="acme"} 0.0' in lines
+    assert 'rilla_bridge_undelivered_events{tenant="gone"} 0.0' in lines
     assert "rilla_bridge_redis_up 1.0" in lines
 
 
@@ -96,15 +176,17 @@ def test_metrics_show_the_system_state_from_redis(client: FlaskClient,
                        headers={"Signature": callrail_signature("acme-signing-key-0001", raw)})
     assert resp.status_code == 202
     fake_redis.lpush(QUEUE_CALLRAIL, "job-1", "job-2")
-    fake_redis.zadd(keys.RETRY, {"ev_r": 1.0})
-    fake_redis.zadd(keys.DLQ_INDEX, {"ev_d1": 1.0, "ev_d2": 2.0, "ev_d3": 3.0})
+    fake_redis.zadd(keys.retry("acme"), {"ev_r": 1.0})
+    fake_redis.zadd(keys.bulk_retry("acme"), {"ev_b": 1.0})
     fake_redis.hset(keys.STATS, mapping={"delivered": 7, "dead_lettered": 2})
-    lines = _lines(client.get("/metrics"))
+    lines = _lines(metrics(client))
     assert f'rilla_bridge_queue_depth{{queue="{QUEUE_EVENTS}"}} 1.0' in lines
     assert f'rilla_bridge_queue_depth{{queue="{QUEUE_CALLRAIL}"}} 2.0' in lines
-    assert "rilla_bridge_pending_events 1.0" in lines
-    assert "rilla_bridge_retry_scheduled 1.0" in lines
-    assert "rilla_bridge_dead_letters 3.0" in lines
+    assert 'rilla_bridge_undelivered_events{tenant="acme"} 1.0' in lines
+    assert 'rilla_bridge_undelivered_events{tenant="vector"} 0.0' in lines
+    assert 'rilla_bridge_retry_scheduled{tenant="acme"} 2.0' in lines
+    assert 'rilla_bridge_oldest_undelivered_seconds{tenant="vector"} 0.0' in lines
+    assert not any(line.startswith("rilla_bridge_dead_letters") for line in lines)  # in SQL
     assert 'rilla_bridge_outcomes_total{outcome="delivered"} 7.0' in lines
     assert 'rilla_bridge_outcomes_total{outcome="dead_lettered"} 2.0' in lines
     assert any(line.startswith("rilla_bridge_webhooks_total{") for line in lines)
@@ -137,3 +219,92 @@ def test_an_unexpected_error_in_a_view_is_a_logged_json_500(
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
     (line,) = [r for r in caplog.records if r.getMessage() == "request"]
     assert line.status == 500 and line.path == "/boom"  # type: ignore[attr-defined]
+
+
+# -- the per-tenant gauges, on the test's clock -------------------------------------------------
+
+def gauges(client: Any, clock: FakeClock, tenants: tuple[str, ...] = ("acme", "vector")
+           ) -> dict[tuple[str, tuple[str, ...]], float]:
+    """One scrape of the Redis state: (sample name, label values) -> value."""
+    collector = RedisStateCollector(client, tenants, clock)
+    return {(s.name, tuple(s.labels.values())): s.value
+            for family in collector.collect() for s in family.samples}
+
+
+def oldest(g: dict[tuple[str, tuple[str, ...]], float], tenant: str) -> float:
+    return g[("rilla_bridge_oldest_undelivered_seconds", (tenant,))]
+
+
+def test_the_oldest_undelivered_age_counts_queued_in_flight_and_retrying_events(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    tenants = parse_tenants(TENANTS.replace("[tenants.vector]", "[tenants.vector]\n"
+                                            "max_inflight = 1"), env={})
+    lc: Lifecycle = make_lifecycle(fake_redis, clock, Settings(), tenants)
+
+    def receive(n: int) -> str:
+        return lc.receive(source="callrail", tenant="vector", kind="post_call",
+                          body=b'{"n": %d}' % n, call_id=None).event_id
+
+    g = gauges(fake_redis, clock, ("vector",))
+    assert oldest(g, "vector") == 0.0                      # none
+    assert g[("rilla_bridge_undelivered_events", ("vector",))] == 0
+    first = receive(1)                                      # dispatched: in flight
+    clock.advance(10)
+    second = receive(2)                                     # over the cap: queued
+    clock.advance(5)
+    g = gauges(fake_redis, clock, ("vector",))
+    assert oldest(g, "vector") == 15.0
+    assert g[("rilla_bridge_undelivered_events", ("vector",))] == 2
+    assert g[("rilla_bridge_in_flight", ("vector",))] == 1
+    assert g[("rilla_bridge_waiting_events", ("vector", "live"))] == 1
+    # The first one fails for now: it waits for its retry, and still counts.
+    claim = lc.claim(first, "vector", "w1")
+    assert claim.code == ClaimCode.CLAIMED and claim.event is not None
+    lc.retry(claim.event, 300, Status.RETRY_SCHEDULED, Outcome.RETRY, [], worker="w1")
+    clock.advance(5)
+    g = gauges(fake_redis, clock, ("vector",))
+    assert oldest(g, "vector") == 20.0
+    assert g[("rilla_bridge_retry_scheduled", ("vector",))] == 1
+    assert g[("rilla_bridge_in_flight", ("vector",))] == 1     # the second took the slot
+    assert g[("rilla_bridge_waiting_events", ("vector", "live"))] == 0
+    # The second is delivered: the first (received at 0, waiting for its retry) is oldest.
+    claim = lc.claim(second, "vector", "w1")
+    assert claim.event is not None
+    lc.finish(claim.event, Status.DELIVERED, Outcome.DELIVERED, [], worker="w1")
+    g = gauges(fake_redis, clock, ("vector",))
+    assert g[("rilla_bridge_undelivered_events", ("vector",))] == 1
+    assert oldest(g, "vector") == 20.0
+    assert g[("rilla_bridge_in_flight", ("vector",))] == 0
+    # Its retry comes due and it is delivered: none left.
+    clock.advance(300)
+    assert lc.lanes.sweep()[0] == 1
+    claim = lc.claim(first, "vector", "w1")
+    assert claim.event is not None
+    lc.finish(claim.event, Status.DELIVERED, Outcome.DELIVERED, [], worker="w1")
+    g = gauges(fake_redis, clock, ("vector",))
+    assert oldest(g, "vector") == 0.0
+    assert g[("rilla_bridge_undelivered_events", ("vector",))] == 0
+    assert g[("rilla_bridge_in_flight", ("vector",))] == 0
+    assert g[("rilla_bridge_outcomes_total", ("delivered",))] == 2
+
+
+def test_a_lapsed_lease_is_not_counted_in_flight(fake_redis: fakeredis.FakeRedis,
+                                                 clock: FakeClock) -> None:
+    lc = make_lifecycle(fake_redis, clock, Settings(), parse_tenants(TENANTS, env={}))
+    lc.receive(source="callrail", tenant="acme", kind="post_call", body=b"{}", call_id=None)
+    assert gauges(fake_redis, clock)[("rilla_bridge_in_flight", ("acme",))] == 1
+    clock.advance(60 + 15 + 1)                              # its dispatch lease lapsed
+    g = gauges(fake_redis, clock)
+    assert g[("rilla_bridge_in_flight", ("acme",))] == 0
+    assert g[("rilla_bridge_undelivered_events", ("acme",))] == 1   # still unfinished
+    assert oldest(g, "acme") == 76.0
+    assert oldest(g, "vector") == 0.0
+    # An event only queued (its tenant paused) counts too.
+    lc.redis.sadd(keys.PAUSED, "vector")
+    lc.receive(source="callrail", tenant="vector", kind="post_call", body=b"{}", call_id=None)
+    clock.advance(3)
+    g = gauges(fake_redis, clock, ("vector",))
+    assert oldest(g, "vector") == 3.0
+    assert g[("rilla_bridge_waiting_events", ("vector", "live"))] == 1
+    assert g[("rilla_bridge_in_flight", ("vector",))] == 0
+    assert g[("rilla_bridge_tenant_paused", ("vector",))] == 1

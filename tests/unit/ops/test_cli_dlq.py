@@ -1,38 +1,56 @@
-"""``rilla-bridge dlq ...`` and ``rilla-bridge events show`` (``ops/cli/dlq.py``,
-``ops/cli/events.py``) on fakeredis: the command line's client (``ops.cli.common.client``) is
-the test's. Dead letters are made by a worker runtime on a ``FakeClock``."""
+"""``rilla-bridge dlq replay|delete`` (``ops/cli/dlq.py``): both select the dead letters from
+the history database and act through ``rilla_bridge.operations.Operations``. The dead letters
+are made by a worker runtime on fakeredis and a ``FakeClock``, land in the ``rb:history``
+stream and reach a SQLite history through the history process
+(``workers.history.HistoryProcess.step``), as in production; the command line's Redis client
+and clock are the test's. ``dlq list|show`` and ``events`` have their own tests in
+``test_cli_history.py``."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from sqlalchemy.engine import Engine
 
 from ops.cli import common, main
+from ops.cli import dlq as dlq_cli
 from rilla_bridge import keys
-from rilla_bridge.celery_messages import QUEUE_EVENTS
+from rilla_bridge.celery_messages import QUEUE_EVENTS, message_args
 from rilla_bridge.clients.rilla import RillaResult
 from rilla_bridge.clock import FakeClock
+from rilla_bridge.history import db
+from rilla_bridge.history.models import audit_log, dead_letters, events
+from rilla_bridge.history.records import Record
+from rilla_bridge.lifecycle import Outcome
+from rilla_bridge.settings import Settings
+from rilla_bridge.tenants import parse_tenants
 from tests.fakes import ACME_KEY, BETA_KEY, TENANTS, FakeRilla, load, make_runtime
+from workers.history import HistoryProcess
 from workers.pipeline import process_event
 from workers.runtime import Runtime
-from workers.scheduler import move_due_retries
 
 SECRETS = (ACME_KEY, BETA_KEY, "acme-signing-key-0001", "beta-signing-key-0002",
            "beta-callingly-token-02")
+OPERATOR = "cli:test-operator"
 
 
 @pytest.fixture
-def env(fake_redis: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-        ) -> dict[str, str]:
+def env(fake_redis: redis.Redis, history_db: Engine, clock: FakeClock, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(TENANTS)
     monkeypatch.setattr(common, "client", lambda settings: fake_redis)
-    return {"REDIS_URL": "redis://127.0.0.1:1/0", "TENANTS_FILE": str(tenants)}
+    monkeypatch.setattr(dlq_cli, "SystemClock", lambda: clock)
+    return {"REDIS_URL": "redis://127.0.0.1:1/0", "TENANTS_FILE": str(tenants),
+            "DATABASE_URL": history_db.url.render_as_string(),
+            "RILLA_BRIDGE_OPERATOR": OPERATOR}
 
 
 @pytest.fixture
@@ -40,30 +58,55 @@ def rt(fake_redis: redis.Redis, clock: FakeClock) -> Runtime:
     return make_runtime(fake_redis, clock)
 
 
-def cli(env: dict[str, str], *args: str) -> Result:
+@pytest.fixture
+def history(fake_redis: redis.Redis, history_db: Engine, clock: FakeClock
+            ) -> Iterator[HistoryProcess]:
+    yield HistoryProcess(Settings(), fake_redis, history_db, parse_tenants(TENANTS, env={}),
+                         clock, consumer="test", block_ms=None)
+
+
+def drain(history: HistoryProcess) -> int:
+    """Write everything waiting in the ``rb:history`` stream to SQL (the history process)."""
+    total = 0
+    while written := history.step():
+        total += written
+    assert history.redis.xlen(keys.HISTORY) == 0
+    return total
+
+
+def cli(env: dict[str, str], *args: str, ok: bool = True) -> Result:
     result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
     for secret in SECRETS:
         assert secret not in result.output, args
+    assert (result.exit_code == 0) == ok, result.output
     return result
+
+
+def take(client: redis.Redis) -> str:
+    raw = client.rpop(QUEUE_EVENTS)
+    assert isinstance(raw, bytes)
+    return str((message_args(raw) or [""])[0])
 
 
 def dead(rt: Runtime, body: dict[str, Any], *, tenant: str = "acme", source: str = "callrail",
          kind: str = "post_call", answer: RillaResult | None = None) -> str:
+    """A webhook stored as intake does and run by a worker until it is dead-lettered."""
     assert isinstance(rt.rilla, FakeRilla)
     if answer is not None:
         rt.rilla.script = [answer]
     stored = rt.lifecycle.receive(source=source, tenant=tenant, kind=kind,
                                   body=json.dumps(body).encode(), call_id=None)
-    assert process_event(rt, stored.event_id) == "dead_lettered"
+    assert take(rt.redis) == stored.event_id                # a worker takes its message
+    assert process_event(rt, stored.event_id, tenant) == Outcome.DEAD
     rt.clock.sleep(1)
     return stored.event_id
 
 
 @pytest.fixture
-def letters(rt: Runtime) -> dict[str, str]:
+def letters(rt: Runtime, history: HistoryProcess) -> dict[str, str]:
     post = load("callrail", "post_call")
     cg = load("callingly", "call_completed")
-    return {
+    made = {
         # Rilla's body echoes the key: it must never reach the terminal.
         "rejected": dead(rt, post, answer=RillaResult(
             "permanent", 422, f"API key {ACME_KEY} is not in Rilla")),
@@ -72,148 +115,144 @@ def letters(rt: Runtime) -> dict[str, str]:
         "beta": dead(rt, {**cg, "user": {**cg["user"], "email": None}}, tenant="beta",
                      source="callingly", kind="call_completed"),
     }
+    assert drain(history) > 0
+    assert rt.store.get(made["rejected"]) is None     # finished: only history has them now
+    return made
 
 
-def test_list_json(env: dict[str, str], letters: dict[str, str]) -> None:
-    result = cli(env, "dlq", "list", "--json")
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
-    assert isinstance(rows, list) and len(rows) == 3
-    for row in rows:
-        assert {"id", "tenant", "source", "event_id", "reason", "status_code", "attempts",
-                "failed_at"} <= set(row)
-    by_id = {r["id"]: r for r in rows}
-    rej = by_id[letters["rejected"]]
-    assert (rej["tenant"], rej["source"], rej["status_code"], rej["attempts"]) == (
-        "acme", "callrail", 422, 1)
-    assert rej["event_id"].startswith("callrail-CAL")
-    assert isinstance(rej["failed_at"], float)
-    assert "[FILTERED]" in rej["reason"] or ACME_KEY not in rej["reason"]
-    st = by_id[letters["start"]]
-    assert st["status_code"] is None and st["attempts"] == 0
-    assert "no usable start time" in st["reason"]
+def open_letters(env: dict[str, str]) -> list[str]:
+    return [r["id"] for r in json.loads(cli(env, "dlq", "list", "--json").output)]
 
 
-@pytest.mark.parametrize(("args", "expect"), [
-    (["--tenant", "acme"], {"rejected", "start"}),
-    (["--tenant", "beta"], {"beta"}),
-    (["--source", "callingly"], {"beta"}),
-    (["--reason", "rilla_rejected"], {"rejected"}),
-    (["--reason", "start time"], {"start"}),
-    (["--tenant", "acme", "--reason", "transform"], {"start"}),
-    (["--tenant", "nobody"], set()),
-])
-def test_list_filters(env: dict[str, str], letters: dict[str, str], args: list[str],
-                      expect: set[str]) -> None:
-    result = cli(env, "dlq", "list", "--json", *args)
-    assert result.exit_code == 0, result.output
-    assert {r["id"] for r in json.loads(result.output)} == {letters[n] for n in expect}
+def stream(client: redis.Redis) -> list[Record]:
+    entries: Any = client.xrange(keys.HISTORY)
+    return [Record.from_entry(sid, f) for sid, f in entries]
 
 
-def test_list_table(env: dict[str, str], letters: dict[str, str]) -> None:
-    result = cli(env, "dlq", "list")
-    assert result.exit_code == 0
-    assert letters["rejected"] in result.output and "3 dead letter(s)" in result.output
-    lines = result.output.splitlines()
-    # Oldest failure first, at the times of the clock that made them (UTC).
-    assert [line.split()[0] for line in lines[1:4]] == [
-        letters["rejected"], letters["start"], letters["beta"]]
-    assert "2026-01-01 00:00:00" in lines[1] and "2026-01-01 00:00:02" in lines[3]
-    assert "no dead letters match" in cli(env, "dlq", "list", "--tenant", "zzz").output
+def queued(client: redis.Redis) -> list[str]:
+    """Event ids on the events queue, in the order workers take them."""
+    raw: list[bytes] = client.lrange(QUEUE_EVENTS, 0, -1)  # type: ignore[assignment]
+    return [str((message_args(m) or [""])[0]) for m in reversed(raw)]
 
 
-def test_show(env: dict[str, str], letters: dict[str, str]) -> None:
-    result = cli(env, "dlq", "show", letters["rejected"], "--json")
-    assert result.exit_code == 0, result.output
-    entry = json.loads(result.output)
-    assert entry["id"] == letters["rejected"]
-    assert entry["status_code"] == 422
-    assert "is not in Rilla" in entry["response_body"]
-    assert entry["payload"]["event_id"] == entry["event_id"]
-    assert entry["raw_event"]["resource_id"] == load("callrail", "post_call")["resource_id"]
-    assert entry["attempts"] == 1 and entry["first_failure_at"] and entry["failed_at"]
-    assert entry["reason_code"] == "rilla_rejected"
-    missing = CliRunner().invoke(main, ["dlq", "show", "ev_nope"], env=env)
-    assert missing.exit_code != 0 and "no dead letter ev_nope" in missing.output
+def rows(engine: Engine, table: Any, **where: Any) -> list[dict[str, Any]]:
+    with db.reading(engine) as conn:
+        query = sa.select(table).where(*(table.c[k] == v for k, v in where.items()))
+        return [dict(r) for r in conn.execute(query).mappings()]
 
 
+# -- replay ---------------------------------------------------------------------------------
 def test_replay_dry_run_changes_nothing(env: dict[str, str], letters: dict[str, str],
-                                        fake_redis: redis.Redis) -> None:
-    fake_redis.delete(QUEUE_EVENTS)
+                                        fake_redis: redis.Redis, history_db: Engine) -> None:
     result = cli(env, "dlq", "replay", "--all", "--tenant", "acme", "--dry-run")
-    assert result.exit_code == 0, result.output
-    assert f"would replay {letters['rejected']}" in result.output
-    assert f"would replay {letters['start']}" in result.output
+    assert f"would replay {letters['rejected']}  acme  rilla_rejected: Rilla answered 422: " \
+           "API key [Filtered] is not in Rilla" in result.output
+    assert f"would replay {letters['start']}  acme  transform: no usable start time" in (
+        result.output)
     assert letters["beta"] not in result.output
-    assert "2 dead letter(s) would be replayed" in result.output
-    assert fake_redis.zcard(keys.DLQ_INDEX) == 3
-    assert fake_redis.llen(QUEUE_EVENTS) == 0
+    assert "dry run: 2 dead letter(s) would be replayed" in result.output
+    assert fake_redis.keys(keys.event("*")) == [] and queued(fake_redis) == []
+    assert stream(fake_redis) == []                  # no history record, no audit entry
+    assert rows(history_db, audit_log) == []
+    assert open_letters(env) == [letters["rejected"], letters["start"], letters["beta"]]
 
 
 def test_replay_ids_then_again(env: dict[str, str], letters: dict[str, str],
-                               fake_redis: redis.Redis, rt: Runtime) -> None:
-    fake_redis.delete(QUEUE_EVENTS)
+                               fake_redis: redis.Redis, history: HistoryProcess,
+                               history_db: Engine, rt: Runtime) -> None:
     eid = letters["rejected"]
     result = cli(env, "dlq", "replay", eid)
-    assert result.exit_code == 0, result.output
-    assert "replayed 1 of 1" in result.output
-    assert fake_redis.llen(QUEUE_EVENTS) == 1
+    assert "replayed 1 of 1 dead letter(s)" in result.output
+    # The raw event is back in Redis from history, queued through acme's bulk lane.
+    event = rt.store.get(eid)
+    assert event is not None and event["lane"] == "replay" and event["tenant"] == "acme"
+    assert json.loads(event["body"])["resource_id"] == load("callrail", "post_call")[
+        "resource_id"]
+    assert queued(fake_redis) == [eid]
+    assert [r.type for r in stream(fake_redis)] == ["step", "handled", "audit"]
+    # Again before the history process wrote that: history still says open, Redis says no.
     again = cli(env, "dlq", "replay", eid)
-    assert "not in the dead-letter store" in again.output
-    assert "replayed 0 of 0" in again.output
-    assert fake_redis.llen(QUEUE_EVENTS) == 1
-    assert process_event(rt, eid) == "delivered"
+    assert f"{eid}: not replayed: in progress, or replayed within the hour" in again.output
+    assert "replayed 0 of 1 dead letter(s)" in again.output
+    assert queued(fake_redis) == [eid]
+    drain(history)
+    # Again once history has it: not an open dead letter any more.
+    third = cli(env, "dlq", "replay", eid)
+    assert f"{eid}: not an open dead letter (replayed or deleted already?)" in third.output
+    assert "replayed 0 of 0 dead letter(s)" in third.output
+    (letter,) = rows(history_db, dead_letters, event_id=eid)
+    assert (letter["handled_how"], letter["handled_by"]) == ("replayed", OPERATOR)
+    assert open_letters(env) == [letters["start"], letters["beta"]]
+    # A worker runs it with today's data: Rilla takes it this time.
+    assert take(fake_redis) == eid
+    assert process_event(rt, eid, "acme") == Outcome.DELIVERED
+    drain(history)
+    (row,) = rows(history_db, events, id=eid)
+    assert row["status"] == "delivered" and row["reason"] is None
+    audits = rows(history_db, audit_log)
+    assert [(a["actor"], a["action"], a["count"]) for a in audits] == [
+        (OPERATOR, "dlq.replay", 1), (OPERATOR, "dlq.replay", 0), (OPERATOR, "dlq.replay", 0)]
+    assert audits[0]["selection"] == {"ids": [eid], "count": 1}
 
 
 def test_replay_all_with_filters(env: dict[str, str], letters: dict[str, str],
-                                 fake_redis: redis.Redis) -> None:
-    fake_redis.delete(QUEUE_EVENTS)
+                                 fake_redis: redis.Redis, history: HistoryProcess,
+                                 rt: Runtime) -> None:
     result = cli(env, "dlq", "replay", "--all", "--reason", "transform")
-    assert result.exit_code == 0, result.output
-    assert "replayed 2 of 2" in result.output
-    left = json.loads(cli(env, "dlq", "list", "--json").output)
-    assert [r["id"] for r in left] == [letters["rejected"]]
-    assert fake_redis.llen(QUEUE_EVENTS) == 2
+    assert "replayed 2 of 2 dead letter(s)" in result.output
+    assert sorted(queued(fake_redis)) == sorted([letters["start"], letters["beta"]])
+    drain(history)
+    assert open_letters(env) == [letters["rejected"]]
+    # They run with the tenants file as it is now: both still fail (beta's call has no rep,
+    # the other no start time), each a new dead letter of the same event.
+    ran = []
+    while queued(fake_redis):
+        eid = take(fake_redis)
+        event = rt.store.get(eid)
+        assert event is not None
+        assert process_event(rt, eid, event["tenant"]) == Outcome.DEAD
+        ran.append(eid)
+        rt.clock.sleep(1)
+    drain(history)
+    assert open_letters(env) == [letters["rejected"], *ran]
+
+
+def test_replay_of_unknown_or_finished_events_replays_nothing(
+        env: dict[str, str], letters: dict[str, str], fake_redis: redis.Redis) -> None:
+    result = cli(env, "dlq", "replay", "ev_nope", letters["beta"], "--tenant", "acme")
+    assert "ev_nope: not an open dead letter" in result.output
+    assert "replayed 0 of 0 dead letter(s)" in result.output      # beta's is not acme's
+    assert queued(fake_redis) == [] and fake_redis.keys(keys.event("*")) == []
 
 
 def test_replay_needs_ids_or_all(env: dict[str, str], letters: dict[str, str]) -> None:
-    assert CliRunner().invoke(main, ["dlq", "replay"], env=env).exit_code == 2
+    neither = CliRunner().invoke(main, ["dlq", "replay"], env=env)
+    assert neither.exit_code == 2 and "give one or more IDs, or --all" in neither.output
     both = CliRunner().invoke(main, ["dlq", "replay", letters["beta"], "--all"], env=env)
-    assert both.exit_code == 2
+    assert both.exit_code == 2 and "give IDs or --all, not both" in both.output
 
 
-def test_delete(env: dict[str, str], letters: dict[str, str]) -> None:
-    assert "deleted 1 of 1" in cli(env, "dlq", "delete", letters["beta"]).output
+# -- delete ---------------------------------------------------------------------------------
+def test_delete(env: dict[str, str], letters: dict[str, str], fake_redis: redis.Redis,
+                history: HistoryProcess, history_db: Engine) -> None:
+    assert "deleted 1 of 1 dead letter(s)" in cli(env, "dlq", "delete", letters["beta"]).output
+    assert [r.type for r in stream(fake_redis)] == ["handled", "audit"]
+    assert fake_redis.keys(keys.event("*")) == [] and queued(fake_redis) == []   # not run
+    drain(history)
     dry = cli(env, "dlq", "delete", "--all", "--source", "callrail", "--dry-run")
-    assert "2 dead letter(s) would be deleted" in dry.output
-    assert len(json.loads(cli(env, "dlq", "list", "--json").output)) == 2
-    assert "deleted 2 of 2" in cli(env, "dlq", "delete", "--all", "--tenant", "acme").output
-    assert json.loads(cli(env, "dlq", "list", "--json").output) == []
-
-
-def test_events_show_prints_the_timeline(env: dict[str, str], rt: Runtime,
-                                         clock: FakeClock) -> None:
-    assert isinstance(rt.rilla, FakeRilla)
-    rt.rilla.fail(500)
-    stored = rt.lifecycle.receive(source="callrail", tenant="acme", kind="post_call",
-                                  body=json.dumps(load("callrail", "post_call")).encode(),
-                                  call_id=None)
-    eid = stored.event_id
-    assert process_event(rt, eid) == "retry_scheduled"
-    clock.advance(rt.settings.retry_base_seconds)    # the first retry is due by then
-    assert move_due_retries(rt) == 1
-    assert process_event(rt, eid) == "delivered"
-    text = cli(env, "events", "show", eid)
-    assert text.exit_code == 0, text.output
-    out = text.output
-    assert eid in out and "status: delivered" in out
-    for what in ("received", "attempt", "retry_scheduled", "delivered"):
-        assert what in out
-    assert "status=500" in out and "status=200" in out
-    assert "2026-01-01 00:00:00  attempt" in out and "2026-01-01 00:00:05  delivered" in out
-    as_json = json.loads(cli(env, "events", "show", eid, "--json").output)
-    assert [e["what"] for e in as_json["timeline"]] == [
-        "attempt", "retry_scheduled", "attempt", "delivered"]
-    assert "body" not in as_json["event"] and "last_payload" not in as_json["event"]
-    missing = CliRunner().invoke(main, ["events", "show", "ev_nope"], env=env)
-    assert missing.exit_code != 0 and "no event ev_nope" in missing.output
+    assert "dry run: 2 dead letter(s) would be deleted" in dry.output
+    assert open_letters(env) == [letters["rejected"], letters["start"]]
+    assert "deleted 2 of 2 dead letter(s)" in cli(env, "dlq", "delete", "--all", "--tenant",
+                                                  "acme").output
+    drain(history)
+    assert open_letters(env) == []
+    # History keeps the events and their closed dead letters.
+    for eid in letters.values():
+        (letter,) = rows(history_db, dead_letters, event_id=eid)
+        assert (letter["handled_how"], letter["handled_by"]) == ("deleted", OPERATOR)
+        assert rows(history_db, events, id=eid)[0]["status"] == "dead"
+    assert [(a["action"], a["count"]) for a in rows(history_db, audit_log)] == [
+        ("dlq.delete", 1), ("dlq.delete", 2)]
+    # A deleted dead letter is not replayed.
+    again = cli(env, "dlq", "replay", letters["rejected"])
+    assert "not an open dead letter" in again.output and "replayed 0 of 0" in again.output

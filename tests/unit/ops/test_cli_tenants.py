@@ -84,3 +84,32 @@ def test_tenants_check_file_option_wins_over_the_environment(tmp_path: Path) -> 
     assert code == 0, out
     assert f"{other}: 1 tenant(s) OK" in out and "solo" in out
     assert "solo-rilla-key-000001" not in out
+
+
+def test_tenants_check_masks_both_keys_of_a_rotation(tmp_path: Path) -> None:
+    text = FULL.replace('signing_key = "${ACME_CALLRAIL_SIGNING_KEY}"',
+                        'signing_key = ["${ACME_CALLRAIL_SIGNING_KEY}", "acme-signing-new-5555"]')
+    code, out = _run_check(tmp_path, text, ENV)
+    assert code == 0, out
+    assert "signing_key ****22 (24 chars) + ****55 (21 chars)" in out
+    assert "acme-signing-new-5555" not in out and "acme-sig" not in out
+
+
+def test_tenants_check_names_the_tenants_sharing_an_account_without_companies(
+        tmp_path: Path) -> None:
+    text = FULL.replace("[tenants.b2]", '[tenants.b2.callrail]\n'
+                        'signing_key = "b2-signing-secret-66666"\naccount_id = "227799611"\n'
+                        'api_key = "${AGENCY_CALLRAIL_KEY}"\n\n[tenants.b2]')
+    code, out = _run_check(tmp_path, text, ENV)
+    assert code != 0
+    assert "tenants acme-roofing, b2 share CallRail account 227799611" in out
+    assert "missing for: b2" in out
+    for secret in (*ENV.values(), "b2-signing-secret-66666"):
+        assert secret not in out
+
+
+def test_tenants_check_refuses_a_short_secret(tmp_path: Path) -> None:
+    code, out = _run_check(tmp_path, FULL, {**ENV, "ACME_CALLINGLY_TOKEN": "2c"})
+    assert code != 0
+    assert "tenant 'acme-roofing' [callingly]: webhook_token is 2 characters" in out
+    assert "at least 16" in out

@@ -1,7 +1,11 @@
 """Our hand-written queue messages (``rilla_bridge.celery_messages``) equal what Celery itself
-puts on kombu's Redis list, field for field: Celery publishes through the production app
-configuration (``workers.celery_app.make_celery``) onto a fakeredis broker, and every header and
-property is compared except the ones that are random per message."""
+puts on kombu's Redis list: Celery publishes through the production app configuration
+(``workers.celery_app.make_celery``) onto a fakeredis broker, and every header and property is
+compared except the ones that are random per message. ``task_message`` (the CallRail jobs)
+is Celery's message field for field; the ``process_event`` message the dispatch script writes
+differs on purpose only in its body's encoding (plain JSON, ``body_encoding`` utf-8, so a Lua
+script can write it) and in its task id (the event id and the dispatch time, also the delivery
+tag); decoded, its body is Celery's."""
 
 from __future__ import annotations
 
@@ -19,17 +23,21 @@ from celery import Celery
 from kombu.transport import redis as kombu_redis
 
 from rilla_bridge.celery_messages import (
+    PROCESS_EVENT_TEMPLATE,
     QUEUE_CALLRAIL,
     QUEUE_EVENTS,
     TASK_CALLRAIL_JOB,
     TASK_PROCESS_EVENT,
+    message_args,
     process_event_message,
-    queued_at,
+    process_event_template,
     task_message,
-    uuid4_pair,
 )
-from rilla_bridge.clock import FakeClock
+from rilla_bridge.clock import FakeClock, ms
+from rilla_bridge.lifecycle import make_lifecycle
 from rilla_bridge.settings import Settings
+from rilla_bridge.tenants import parse_tenants
+from tests.fakes import TENANTS
 from workers import tasks
 from workers.celery_app import make_celery
 
@@ -92,6 +100,9 @@ def _celery_message(app: Celery, fake: fakeredis.FakeRedis, task: str, args: lis
     return _published(fake, queue)
 
 
+TASK_ID = f"{EVENT_ID}.1767225600123"     # what the dispatch script makes: id.now_ms
+
+
 def _take_random(message: dict[str, Any]) -> None:
     """Remove (after checking) what is random per message: the task id (also the root id and
     the correlation id) and kombu's delivery tag, each a fresh version 4 UUID."""
@@ -104,161 +115,179 @@ def _take_random(message: dict[str, Any]) -> None:
     assert uuid.UUID(tag).version == 4 and tag != task_id
 
 
-def _compare(app: Celery, ours: dict[str, Any], theirs: dict[str, Any], now: float) -> None:
+def _take_ours(message: dict[str, Any], task_id: str) -> None:
+    """Our process_event message's task id: the given one, also its root, correlation id and
+    delivery tag (unique per dispatch: the event id and the dispatch time in ms)."""
+    headers, props = message["headers"], message["properties"]
+    assert headers.pop("id") == headers.pop("root_id") == task_id
+    assert props.pop("correlation_id") == props.pop("delivery_tag") == task_id
+
+
+def _compare(app: Celery, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
     # Who sent it (not what): Celery's anonymous node name and its per-app reply queue for
     # RPC results, which we never use (no result backend).
     assert ours["headers"].pop("origin") == ORIGIN
     assert theirs["headers"].pop("origin") == "gen" + ORIGIN
     assert ours["properties"].pop("reply_to") == ""
     assert theirs["properties"].pop("reply_to") == app.thread_oid
-    # Ours alone: when this copy was queued (the scheduler's sweeper reads it).
-    assert ours["headers"].pop("rb_at") == round(now, 3)
-    _take_random(ours)
-    _take_random(theirs)
     # Everything else, every header and property, the body byte for byte.
     assert ours["headers"] == theirs["headers"]
     assert ours["properties"] == theirs["properties"]
     assert ours == theirs
 
 
+def _decoded_body(message: dict[str, Any]) -> Any:
+    """The body as kombu decodes it, by its ``body_encoding`` (which is then removed)."""
+    encoding = message["properties"].pop("body_encoding")
+    body = message.pop("body")
+    if encoding == "base64":
+        return json.loads(base64.b64decode(body))
+    assert encoding == "utf-8"
+    return json.loads(body)
+
+
 @pytest.mark.parametrize(("task", "args", "queue"), [
-    (TASK_PROCESS_EVENT, [EVENT_ID], QUEUE_EVENTS),
-    (TASK_PROCESS_EVENT, ['ev_"quoted"\u00e9'], QUEUE_EVENTS),
     (TASK_CALLRAIL_JOB, [JOB], QUEUE_CALLRAIL),
     (TASK_CALLRAIL_JOB, [LIST_JOB], QUEUE_CALLRAIL),
+    (TASK_PROCESS_EVENT, [EVENT_ID, "acme"], QUEUE_EVENTS),
 ])
 def test_task_message_is_what_celery_publishes(
-        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], clock: FakeClock, task: str,
+        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], task: str,
         args: list[Any], queue: str) -> None:
     app, fake = celery_on_fakeredis
     theirs = _celery_message(app, fake, task, args, queue)
-    ours = json.loads(task_message(task, args, queue, clock.now()))
+    ours = json.loads(task_message(task, args, queue))
     assert json.loads(base64.b64decode(ours["body"])) == [args, {}, EMBED]
-    _compare(app, ours, theirs, clock.now())
+    _take_random(ours)
+    _take_random(theirs)
+    _compare(app, ours, theirs)
 
 
-@pytest.mark.parametrize("event_id", [EVENT_ID, 'ev_"quoted"\u00e9', "x" * 201])
-def test_process_event_message_is_what_celery_publishes(
-        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], clock: FakeClock,
-        event_id: str) -> None:
-    """The template intake fills in (and its slow path for odd ids) against Celery."""
+@pytest.mark.parametrize(("event_id", "tenant"), [
+    (EVENT_ID, "acme"), ("ev_x", "acme-roofing-2"), ("e" * 200, "t:a.b_c-d")])
+def test_process_event_message_is_what_celery_publishes_but_its_body_encoding(
+        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], event_id: str,
+        tenant: str) -> None:
     app, fake = celery_on_fakeredis
-    clock.advance(0.1234)
-    theirs = _celery_message(app, fake, TASK_PROCESS_EVENT, [event_id], QUEUE_EVENTS)
-    ours = json.loads(process_event_message(event_id, clock.now()))
-    assert json.loads(base64.b64decode(ours["body"])) == [[event_id], {}, EMBED]
-    _compare(app, ours, theirs, clock.now())
+    theirs = _celery_message(app, fake, TASK_PROCESS_EVENT, [event_id, tenant], QUEUE_EVENTS)
+    text = process_event_message(event_id, tenant, TASK_ID)
+    ours = json.loads(text)
+    # The body: plain JSON text (kombu passes it through), the same document as Celery's.
+    assert ours["properties"]["body_encoding"] == "utf-8"
+    assert theirs["properties"]["body_encoding"] == "base64"
+    assert _decoded_body(ours) == _decoded_body(theirs) == [[event_id, tenant], {}, EMBED]
+    _take_ours(ours, TASK_ID)
+    _take_random(theirs)
+    _compare(app, ours, theirs)
+
+
+def test_the_template_is_the_message_cut_where_its_values_go() -> None:
+    parts = process_event_template()
+    assert parts == PROCESS_EVENT_TEMPLATE
+    assert len(parts) % 2 == 1
+    names = parts[1::2]
+    assert set(names) == {"id", "tenant", "tid"}
+    # The task id appears four times (id, root id, correlation id, delivery tag); the event id
+    # in the body and in argsrepr; so does the tenant.
+    assert (names.count("tid"), names.count("id"), names.count("tenant")) == (4, 2, 2)
+    values = {"id": EVENT_ID, "tenant": "acme", "tid": TASK_ID}
+    joined = "".join(p if i % 2 == 0 else values[p] for i, p in enumerate(parts))
+    assert joined == process_event_message(EVENT_ID, "acme", TASK_ID)
+
+
+def test_the_dispatch_script_writes_the_same_message(fake_redis: fakeredis.FakeRedis,
+                                                     clock: FakeClock) -> None:
+    lc = make_lifecycle(fake_redis, clock, Settings(), parse_tenants(TENANTS, env={}))
+    clock.advance(0.123)
+    eid = lc.receive(source="callrail", tenant="beta", kind="post_call", body=b"{}",
+                     call_id=None).event_id
+    queue: Any = fake_redis.lrange(QUEUE_EVENTS, 0, -1)
+    (written,) = queue
+    assert written.decode() == process_event_message(eid, "beta", f"{eid}.{ms(clock.now())}")
+
+
+@pytest.mark.parametrize("bad", ['ev_"quoted"', "ev x", "", "e" * 201, "ev\n", "é"])
+def test_process_event_message_takes_plain_tokens_only(bad: str) -> None:
+    for args in ((bad, "acme", TASK_ID), (EVENT_ID, bad, TASK_ID), (EVENT_ID, "acme", bad)):
+        with pytest.raises(ValueError, match="plain tokens"):
+            process_event_message(*args)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="argsrepr is repr(args); Celery's is saferepr(args, 1024)")
 @pytest.mark.parametrize("args", ODD_ARGS)
 def test_argsrepr_of_odd_arguments_differs_from_celery(
-        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], clock: FakeClock,
-        args: list[Any]) -> None:
+        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], args: list[Any]) -> None:
     """Everything else is Celery's; only ``argsrepr`` differs (strict: passes once fixed)."""
     app, fake = celery_on_fakeredis
     theirs = _celery_message(app, fake, TASK_CALLRAIL_JOB, args, QUEUE_CALLRAIL)
-    ours = json.loads(task_message(TASK_CALLRAIL_JOB, args, QUEUE_CALLRAIL, clock.now()))
+    ours = json.loads(task_message(TASK_CALLRAIL_JOB, args, QUEUE_CALLRAIL))
     ours_repr, theirs_repr = ours["headers"].pop("argsrepr"), theirs["headers"].pop("argsrepr")
-    _compare(app, ours, theirs, clock.now())
+    _take_random(ours)
+    _take_random(theirs)
+    _compare(app, ours, theirs)
     assert ours_repr == repr(args)
     assert ours_repr == theirs_repr
 
 
-@pytest.mark.parametrize(("task", "args", "queue"), [
-    (tasks.process_event, [EVENT_ID], QUEUE_EVENTS),
-    (tasks.callrail_job, [JOB], QUEUE_CALLRAIL),
-])
 def test_the_registered_tasks_publish_the_same_with_their_time_limit_filled_in(
-        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], clock: FakeClock, task: Any,
-        args: list[Any], queue: str) -> None:
-    """``apply_async`` on the worker's own tasks: the same message, except that Celery writes
+        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis]) -> None:
+    """``apply_async`` on the worker's own tasks: the same messages, except that Celery writes
     the task's configured time limit where ours leave it empty, which a worker reads as "the
     task's own limit" (``timeout=time_limit or task.time_limit``): the same limit. Any other
     option a task gains (a soft limit, an expiry, a priority, another queue) fails here."""
     app, fake = celery_on_fakeredis
-    with app.producer_or_acquire() as producer:
-        task.apply_async(args=args, producer=producer)
-    theirs = _published(fake, queue)
-    ours = json.loads(task_message(task.name, args, queue, clock.now()))
-    assert theirs["headers"]["timelimit"] == [task.time_limit, None]
-    assert task.soft_time_limit is None
-    assert ours["headers"]["timelimit"] == [None, None]
-    theirs["headers"]["timelimit"] = [None, None]
-    _compare(task.app, ours, theirs, clock.now())
+    for task, args, queue in ((tasks.process_event, [EVENT_ID, "acme"], QUEUE_EVENTS),
+                              (tasks.callrail_job, [JOB], QUEUE_CALLRAIL)):
+        with app.producer_or_acquire() as producer:
+            task.apply_async(args=args, producer=producer)
+        theirs = _published(fake, queue)
+        if task is tasks.process_event:
+            ours = json.loads(process_event_message(EVENT_ID, "acme", TASK_ID))
+            assert _decoded_body(ours) == _decoded_body(theirs)
+            _take_ours(ours, TASK_ID)
+        else:
+            ours = json.loads(task_message(task.name, args, queue))
+            _take_random(ours)
+        _take_random(theirs)
+        assert theirs["headers"]["timelimit"] == [task.time_limit, None]
+        assert task.soft_time_limit is None
+        assert ours["headers"]["timelimit"] == [None, None]
+        theirs["headers"]["timelimit"] = [None, None]
+        _compare(task.app, ours, theirs)
 
 
 def test_kombu_consumer_decodes_our_message(
-        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis], clock: FakeClock) -> None:
+        celery_on_fakeredis: tuple[Celery, fakeredis.FakeRedis]) -> None:
     """kombu's own Redis consumer reads the message we LPUSH and decodes Celery's protocol 2."""
     app, fake = celery_on_fakeredis
-    message = process_event_message("ev_1", clock.now())
+    message = process_event_message("ev_1", "acme", "ev_1.1767225600000")
     fake.lpush(QUEUE_EVENTS, message)
     with app.connection_for_read() as conn:
         channel = conn.default_channel
         got = channel.basic_get(QUEUE_EVENTS, no_ack=True)  # kombu's own _get: RPOP + decode
         assert got is not None
         assert got.headers["task"] == TASK_PROCESS_EVENT
-        assert got.headers["id"] == json.loads(message)["headers"]["id"]
+        assert got.headers["id"] == "ev_1.1767225600000"
         assert got.content_type == "application/json"
-        assert got.decode() == [["ev_1"], {}, EMBED]
+        assert got.decode() == [["ev_1", "acme"], {}, EMBED]
         assert got.delivery_info["routing_key"] == QUEUE_EVENTS
         assert fake.llen(QUEUE_EVENTS) == 0
 
 
-def test_ids_are_unique_and_rb_at_is_read_back(clock: FakeClock) -> None:
-    now = clock.now()
-    a, b = (json.loads(process_event_message("e", now)) for _ in range(2))
+def test_message_args_reads_both_body_encodings() -> None:
+    assert message_args(process_event_message("ev_1", "acme", "t.1")) == ["ev_1", "acme"]
+    assert message_args(process_event_message("ev_1", "acme", "t.1").encode()) == [
+        "ev_1", "acme"]
+    assert message_args(task_message(TASK_CALLRAIL_JOB, [JOB], QUEUE_CALLRAIL)) == [JOB]
+    for junk in (b"not json", "{}", json.dumps({"body": "x", "properties": {}}),
+                 json.dumps({"body": "e30=", "properties": {"body_encoding": "base64"}}),
+                 json.dumps([1]), json.dumps({"body": "[]", "properties": {}})):
+        assert message_args(junk) is None, junk
+
+
+def test_task_message_ids_are_unique_per_message() -> None:
+    a, b = (json.loads(task_message(TASK_CALLRAIL_JOB, [JOB], QUEUE_CALLRAIL))
+            for _ in range(2))
     assert a["headers"]["id"] != b["headers"]["id"]
     assert a["properties"]["delivery_tag"] != b["properties"]["delivery_tag"]
-    assert queued_at(process_event_message("e", now)) == round(now, 3)
-    clock.advance(12.3456)
-    assert queued_at(process_event_message("e", clock.now())) == round(now + 12.3456, 3)
-    assert queued_at(task_message(TASK_CALLRAIL_JOB, [JOB], QUEUE_CALLRAIL, 5.0)) == 5.0
-    assert queued_at(b"not json") is None
-    assert queued_at(json.dumps({"headers": {}})) is None
-    assert queued_at(json.dumps({"headers": {"rb_at": "5"}})) is None
-    assert queued_at(json.dumps([1])) is None
-
-
-def _without_unique(message: dict[str, Any]) -> dict[str, Any]:
-    m: dict[str, Any] = json.loads(json.dumps(message))
-    for k in ("id", "root_id"):
-        m["headers"].pop(k)
-    for k in ("correlation_id", "delivery_tag"):
-        m["properties"].pop(k)
-    return m
-
-
-@pytest.mark.parametrize("event_id", [
-    EVENT_ID,                               # what intake makes: the template path
-    'ev_"quoted"\\and\u00e9',               # anything else: the general path, same result
-])
-def test_process_event_message_equals_the_general_message(clock: FakeClock,
-                                                          event_id: str) -> None:
-    clock.advance(0.0005)    # rb_at is rounded to milliseconds on both paths
-    fast = json.loads(process_event_message(event_id, clock.now()))
-    general = json.loads(task_message(TASK_PROCESS_EVENT, [event_id], QUEUE_EVENTS, clock.now()))
-    assert _without_unique(fast) == _without_unique(general)
-    assert base64.b64decode(fast["body"]) == base64.b64decode(general["body"])
-    assert json.loads(base64.b64decode(fast["body"])) == [[event_id], {}, EMBED]
-    assert fast["headers"]["id"] == fast["headers"]["root_id"] == fast["properties"][
-        "correlation_id"]
-    assert fast["headers"]["rb_at"] == round(clock.now(), 3)
-    assert isinstance(fast["headers"]["rb_at"], float)
-
-
-def test_uuid4_pair_is_two_distinct_random_version_4_uuids() -> None:
-    seen: set[str] = set()
-    variants: set[str] = set()
-    for _ in range(2000):
-        pair = uuid4_pair()
-        for text in pair:
-            parsed = uuid.UUID(text)
-            assert str(parsed) == text   # canonical form: lower-case hex, 8-4-4-4-12
-            assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
-            variants.add(text[19])
-        seen.update(pair)
-    assert len(seen) == 4000
-    assert variants == set("89ab")   # the variant nibble takes all four values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import sys
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import sentry_sdk
 
+from rilla_bridge import observability
 from rilla_bridge.observability import (
     FILTERED,
     JsonFormatter,
@@ -109,7 +111,7 @@ def _format(msg: str, *args: Any, exc: bool = False, **extra: Any) -> str:
 
 
 def test_json_formatter_redacts_secrets_and_access_keys() -> None:
-    register_secrets([SIGNING_KEY, TOKEN, "short"])  # too short to register: ignored
+    register_secrets([SIGNING_KEY, TOKEN])
     line = _format("key %s token %s url %s", SIGNING_KEY, TOKEN,
                    "https://app.callrail.com/calls/1/recording?access_key=aaaabbbbccccdddd&x=1",
                    exc=True, detail={"k": SIGNING_KEY}, url="u?access_key=zzzz9999")
@@ -149,3 +151,57 @@ def test_setup_logging_adds_one_json_handler_once(monkeypatch: pytest.MonkeyPatc
     ours = [h for h in root.handlers if getattr(h, "_rilla_bridge", False)]
     assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter)
     assert root.level == logging.WARNING
+
+
+@pytest.fixture
+def no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registered secrets are process-wide: this test's own, gone after it."""
+    monkeypatch.setattr(observability, "_known_secrets", [])
+
+
+def test_every_registered_secret_is_masked_whatever_its_length(no_secrets: None) -> None:
+    register_secrets(["x9", "tok12", "", SIGNING_KEY])
+    assert observability._known_secrets == [SIGNING_KEY, "tok12", "x9"]    # longest first
+    assert redact_text(f"t=tok12 k={SIGNING_KEY} c=x9.") == (
+        f"t={FILTERED} k={FILTERED} c={FILTERED}.")
+    register_secrets(["x9"])                                    # registered once
+    assert observability._known_secrets.count("x9") == 1
+    line = json.loads(_format("token %s", "tok12"))
+    assert line["msg"] == f"token {FILTERED}"
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("media https://cdn.callingly.com/recordings/4f9a2c71e0b84d3a.mp3 end",
+     f"media https://cdn.callingly.com/{FILTERED} end"),
+    ('{"recording_url": "https://cdn.callingly.com/r/abc.mp3?sig=1"}',
+     f'{{"recording_url": "https://cdn.callingly.com/{FILTERED}"}}'),
+    ('"https:\\/\\/cdn.callingly.com\\/r\\/abc.mp3"',             # as JSON escapes it
+     f'"https:\\/\\/cdn.callingly.com/{FILTERED}"'),
+    ("HTTP://CDN.Callingly.COM/Recordings/ABC.mp3", f"HTTP://CDN.Callingly.COM/{FILTERED}"),
+    ("no link to callingly.com here", "no link to callingly.com here"),
+    ("https://app.callrail.com/calls/1/recording", "https://app.callrail.com/calls/1/recording"),
+])
+def test_callingly_recording_links_are_masked_after_the_host(no_secrets: None, text: str,
+                                                             kept: str) -> None:
+    assert redact_text(text) == kept
+    assert "4f9a2c71e0b84d3a" not in redact_text(text) and "abc.mp3" not in redact_text(text)
+
+
+def test_a_dead_letters_callingly_link_is_masked_in_logs(no_secrets: None) -> None:
+    line = _format("dead letter", payload={
+        "media_url": "https://cdn.callingly.com/recordings/4f9a2c71e0b84d3a.mp3"})
+    assert "4f9a2c71e0b84d3a" not in line and "cdn.callingly.com" in line
+
+
+def test_no_tracing_headers_go_to_third_parties(sentry_transport: CapturingTransport) -> None:
+    """Requests to Rilla and CallRail carry no sentry-trace or baggage header (they hold the
+    DSN's public key and our release)."""
+    assert init_sentry(DSN, environment="test", component="worker", transport=sentry_transport)
+    assert sentry_sdk.get_client().options["trace_propagation_targets"] == []
+    for host in ("api.apirilla.com", "api.callrail.com"):
+        conn = http.client.HTTPSConnection(host)
+        conn.putrequest("POST", "/custom/appointment")    # headers are buffered, nothing sent
+        sent = b"\n".join(conn._buffer).lower()  # type: ignore[attr-defined]
+        assert b"sentry-trace" not in sent and b"baggage" not in sent
+        assert f"host: {host}".encode() in sent
+        conn.close()

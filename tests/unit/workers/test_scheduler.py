@@ -1,5 +1,6 @@
-"""The scheduler (``workers/scheduler.py``): due retries, the lost-work sweep, job leases shared
-by several copies, and its loop, all on the runtime's clock (a ``FakeClock`` here)."""
+"""The scheduler (``workers/scheduler.py``): the lanes job (due retries, lapsed leases, the
+shared refill) through ``tick`` with its job leases, several scheduler copies running each job
+once per tick, and its loop, all on the runtime's clock (a ``FakeClock`` here)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ import pytest
 import redis
 
 from rilla_bridge import keys
-from rilla_bridge.celery_messages import QUEUE_EVENTS, process_event_message
+from rilla_bridge.celery_messages import QUEUE_EVENTS, message_args
 from rilla_bridge.clock import FakeClock
-from rilla_bridge.lifecycle import Outcome
-from tests.fakes import FakeRilla, load, make_runtime
-from workers import scheduler
+from rilla_bridge.history.records import Record
+from rilla_bridge.lifecycle import ClaimCode, Outcome, Status
+from tests.fakes import load, make_runtime
+from workers import callrail_jobs, scheduler
 from workers.pipeline import process_event
 from workers.runtime import Runtime
 from workers.scheduler import Job
+
+LEASE = 8.0                    # DELIVERY_LEASE_SECONDS (the default)
+DISPATCH_LEASE = 60 + 15       # a dispatched, unclaimed event's lease
 
 
 @pytest.fixture
@@ -29,8 +34,8 @@ def rt(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> Runtime:
     return make_runtime(fake_redis, clock)
 
 
-def ingest(rt: Runtime, body: dict[str, Any]) -> str:
-    stored = rt.lifecycle.receive(source="callrail", tenant="acme", kind="post_call",
+def ingest(rt: Runtime, body: dict[str, Any], tenant: str = "acme") -> str:
+    stored = rt.lifecycle.receive(source="callrail", tenant=tenant, kind="post_call",
                                   body=json.dumps(body).encode(), call_id=None)
     return stored.event_id
 
@@ -40,91 +45,100 @@ def call(n: int) -> dict[str, Any]:
 
 
 def queued_ids(rt: Runtime) -> list[str]:
-    return [json.loads(m)["headers"]["argsrepr"].strip("[]'\"")
-            for m in rt.redis.lrange(QUEUE_EVENTS, 0, -1)]
+    """The queue's event ids in the order workers take them."""
+    raw: list[bytes] = rt.redis.lrange(QUEUE_EVENTS, 0, -1)  # type: ignore[assignment]
+    return [str((message_args(m) or [""])[0]) for m in reversed(raw)]
 
 
-def status(rt: Runtime, eid: str) -> str | None:
-    event = rt.store.get(eid)
-    return None if event is None else str(event["status"])
+def retry_later(rt: Runtime, eid: str, delay: float, worker: str = "w1") -> None:
+    """A worker ran ``eid`` and scheduled its retry in ``delay`` seconds."""
+    claim = rt.lifecycle.claim(eid, "acme", worker)
+    assert claim.event is not None
+    rt.lifecycle.retry(claim.event, delay, Status.RETRY_SCHEDULED, Outcome.RETRY, [],
+                       worker=worker)
 
 
-# -- due retries ----------------------------------------------------------------------------
+def requeued_steps(rt: Runtime, eid: str) -> int:
+    entries: Any = rt.redis.xrange(keys.HISTORY)
+    return sum(1 for sid, f in entries
+               if (r := Record.from_entry(sid, f)).type == "step" and r.data["id"] == eid
+               and [e["what"] for e in r.data["tl"]] == ["requeued"])
 
-def test_move_due_retries_moves_only_due_ids_once(rt: Runtime, clock: FakeClock) -> None:
+
+def lanes_only() -> list[Job]:
+    return [j for j in scheduler.default_jobs() if j.name == "lanes"]
+
+
+# -- the lanes job ---------------------------------------------------------------------------
+
+def test_the_lanes_job_moves_only_due_retries_once(rt: Runtime, clock: FakeClock) -> None:
     due_id, later_id = ingest(rt, call(1)), ingest(rt, call(2))
     rt.redis.delete(QUEUE_EVENTS)
-    rt.redis.zadd(keys.RETRY, {due_id: clock.now() + 5, later_id: clock.now() + 600})
-    assert scheduler.move_due_retries(rt) == 0          # nothing is due yet
+    retry_later(rt, due_id, 5)
+    retry_later(rt, later_id, 600)
+    assert scheduler.sweep_lanes(rt) == 0              # nothing is due yet
     clock.advance(5)
-    assert scheduler.move_due_retries(rt) == 1
-    assert scheduler.move_due_retries(rt) == 0          # moved once
+    assert scheduler.sweep_lanes(rt) == 1
+    assert scheduler.sweep_lanes(rt) == 0              # moved once
     assert queued_ids(rt) == [due_id]
-    assert rt.redis.zscore(keys.RETRY, due_id) is None
-    assert rt.redis.zscore(keys.RETRY, later_id) == clock.now() + 595
-    assert rt.redis.zscore(keys.PENDING, due_id) == clock.now()
-    assert status(rt, due_id) == "queued"
+    assert rt.redis.zscore(keys.retry("acme"), due_id) is None
+    assert rt.redis.zscore(keys.retry("acme"), later_id) == clock.now() + 595
+    assert rt.redis.zscore(keys.inflight("acme"), due_id) is not None
 
 
-def test_finished_event_requeued_by_a_stale_retry_leaves_nothing_pending(
-        rt: Runtime, clock: FakeClock) -> None:
-    """A duplicate copy that found the call busy must not keep a delivered event pending."""
+def test_a_retry_of_an_event_finished_meanwhile_is_dropped(rt: Runtime,
+                                                           clock: FakeClock) -> None:
+    """A failed recording lookup dead-letters an event that waits for its retry."""
     eid = ingest(rt, call(1))
-    rt.redis.zadd(keys.RETRY, {eid: clock.now() + 1})  # the busy copy's retry
-    assert process_event(rt, eid) == Outcome.DELIVERED
     rt.redis.delete(QUEUE_EVENTS)
-    clock.advance(2)
-    assert scheduler.move_due_retries(rt) == 0
-    assert status(rt, eid) == "delivered"
-    assert rt.redis.zcard(keys.RETRY) == 0 and queued_ids(rt) == []
-    assert process_event(rt, eid) == Outcome.DONE_ALREADY    # a stray copy all the same
-    assert isinstance(rt.rilla, FakeRilla) and len(rt.rilla.calls) == 1
-    assert rt.redis.zscore(keys.PENDING, eid) is None
-    clock.advance(100)
-    assert scheduler.sweep_lost(rt) == 0
+    retry_later(rt, eid, 3600)
+    event = rt.store.get(eid)
+    assert event is not None
+    rt.lifecycle.dead_letter(event, "recording_lookup", "CallRail answered 404", worker="cr")
+    assert rt.redis.zcard(keys.retry("acme")) == 0
+    clock.advance(3600)
+    assert scheduler.sweep_lanes(rt) == 0 and queued_ids(rt) == []
 
 
-# -- the lost-work sweep ----------------------------------------------------------------------
-
-def test_sweep_lost_requeues_lost_but_not_backlogged(rt: Runtime, clock: FakeClock) -> None:
-    start = clock.now()
-    lost = ingest(rt, call(1))            # pending from now on, its message is lost
-    clock.advance(200)
-    backlogged = ingest(rt, call(2))      # its message still waits in the queue
-    rt.redis.delete(QUEUE_EVENTS)
-    rt.redis.lpush(QUEUE_EVENTS, process_event_message(backlogged, clock.now()))
-    clock.advance(300)
-    # ``lost``: pending for 500 s, no message anywhere (its worker died).
-    # ``backlogged``: pending for 300 s, but its message still waits in the queue: an event
-    # queued after the oldest waiting message may be behind that backlog, so it is not lost.
-    assert scheduler.sweep_lost(rt) == 1
-    assert sorted(queued_ids(rt)) == sorted([lost, backlogged])
-    assert rt.redis.zscore(keys.PENDING, lost) == clock.now()
-    assert rt.redis.zscore(keys.PENDING, backlogged) == start + 200
-    assert scheduler.sweep_lost(rt) == 0  # refreshed: not swept twice
-    # The backlog drains; once the event is old enough and nothing holds it, it is swept too.
-    rt.redis.delete(QUEUE_EVENTS)
-    assert scheduler.sweep_lost(rt) == 1
-    assert queued_ids(rt) == [backlogged]
+def test_the_lanes_job_recovers_a_dead_workers_event(rt: Runtime, clock: FakeClock,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    eid = ingest(rt, call(1))
+    rt.redis.delete(QUEUE_EVENTS)                       # taken by a worker...
+    assert rt.lifecycle.claim(eid, "acme", "dead-worker").code == ClaimCode.CLAIMED
+    clock.advance(LEASE - 0.001)                        # ...which dies: no heartbeat
+    assert scheduler.sweep_lanes(rt) == 0
+    clock.advance(0.001)
+    with caplog.at_level(logging.WARNING, logger="rilla_bridge.scheduler"):
+        assert scheduler.sweep_lanes(rt) == 1
+    assert queued_ids(rt) == [eid] and requeued_steps(rt, eid) == 1
+    (line,) = [r for r in caplog.records if r.name == "rilla_bridge.scheduler"]
+    assert line.getMessage() == "recovered events whose worker stopped"
+    assert line.count == 1                               # type: ignore[attr-defined]
+    assert process_event(rt, eid, "acme") == Outcome.DELIVERED
 
 
-def test_sweep_leaves_recently_queued_events(rt: Runtime, clock: FakeClock) -> None:
-    ingest(rt, call(1))
-    rt.redis.delete(QUEUE_EVENTS)
-    clock.advance(rt.settings.stale_pending_seconds - 0.5)
-    assert scheduler.sweep_lost(rt) == 0  # younger than STALE_PENDING_SECONDS
+def test_a_lost_message_is_recovered_after_the_dispatch_lease(rt: Runtime,
+                                                              clock: FakeClock) -> None:
+    eid = ingest(rt, call(1))
+    rt.redis.delete(QUEUE_EVENTS)                       # the message is lost
+    clock.advance(DISPATCH_LEASE - 1)
+    assert scheduler.sweep_lanes(rt) == 0
     clock.advance(1)
-    assert scheduler.sweep_lost(rt) == 1
+    assert scheduler.sweep_lanes(rt) == 1
+    assert queued_ids(rt) == [eid]
 
 
-def test_sweep_ignores_messages_it_did_not_write(rt: Runtime, clock: FakeClock) -> None:
-    """A foreign message (no ``rb_at``) at the queue's head makes every pending event look
-    backlogged rather than lost: nothing is queued twice on a guess."""
-    ingest(rt, call(1))
-    rt.redis.delete(QUEUE_EVENTS)
-    rt.redis.lpush(QUEUE_EVENTS, json.dumps({"headers": {}, "body": ""}))
-    clock.advance(500)
-    assert scheduler.sweep_lost(rt) == 0
+def test_the_lanes_job_refills_the_queue_in_turn(fake_redis: fakeredis.FakeRedis,
+                                                 clock: FakeClock) -> None:
+    rt = make_runtime(fake_redis, clock, dispatch_queue_max=2)
+    ids = [ingest(rt, call(n)) for n in range(4)]
+    assert queued_ids(rt) == ids[:1]
+    assert scheduler.sweep_lanes(rt) == 1
+    assert queued_ids(rt) == ids[:2]
+    rt.redis.rpop(QUEUE_EVENTS)
+    rt.redis.rpop(QUEUE_EVENTS)
+    assert scheduler.sweep_lanes(rt) == 2
+    assert queued_ids(rt) == ids[2:]
 
 
 # -- jobs, leases and the loop ----------------------------------------------------------------
@@ -155,6 +169,29 @@ def test_each_job_runs_in_one_copy_per_turn(rt: Runtime, clock: FakeClock) -> No
     scheduler.tick(rt, a, "node-a")
     assert [(who, t - t0) for who, t in runs] == [("a", 0.0), ("b", 0.5)]
     assert rt.redis.hget(keys.scheduler_job("retries"), "owner") == b"node-b"
+
+
+def test_two_scheduler_copies_sweep_the_lanes_once_per_tick(
+        rt: Runtime, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweeps: list[str] = []
+    real = rt.lanes.sweep
+
+    def sweep() -> tuple[int, int, int]:
+        sweeps.append("sweep")
+        return real()
+
+    monkeypatch.setattr(rt.lanes, "sweep", sweep)
+    lost = ingest(rt, call(1))
+    rt.redis.delete(QUEUE_EVENTS)
+    assert rt.lifecycle.claim(lost, "acme", "dead-worker").code == ClaimCode.CLAIMED
+    copies = [(lanes_only(), "node-a"), (lanes_only(), "node-b")]
+    for _ in range(40):                                # ten seconds of 0.25 s ticks
+        for jobs, node in copies:
+            scheduler.tick(rt, jobs, node)
+        clock.advance(0.25)
+    assert len(sweeps) == 40
+    # The dead worker's event came back once, not once per copy.
+    assert queued_ids(rt) == [lost] and requeued_steps(rt, lost) == 1
 
 
 def test_a_failing_job_does_not_stop_the_others(rt: Runtime,
@@ -199,6 +236,15 @@ def test_run_forever_sleeps_on_the_runtimes_clock_until_told_to_stop(
 
 def test_default_jobs() -> None:
     jobs = {j.name: j for j in scheduler.default_jobs()}
-    assert set(jobs) == {"retries", "sweep", "callrail_dispatch", "reconcile"}
-    assert jobs["retries"].run is scheduler.move_due_retries
-    assert jobs["sweep"].run is scheduler.sweep_lost
+    assert set(jobs) == {"lanes", "callrail_dispatch", "reconcile"}
+    assert jobs["lanes"].run is scheduler.sweep_lanes and jobs["lanes"].every == 0.25
+    assert jobs["callrail_dispatch"].run is callrail_jobs.dispatch
+    assert jobs["reconcile"].run is callrail_jobs.reconcile
+
+
+def test_the_default_jobs_tick_with_nothing_to_do(rt: Runtime) -> None:
+    scheduler.tick(rt, scheduler.default_jobs(), "node")
+    assert rt.redis.llen(QUEUE_EVENTS) == 0
+    leases: Any = rt.redis.keys("rb:sched:*")
+    assert {k.decode() for k in leases} == {
+        keys.scheduler_job(n) for n in ("lanes", "callrail_dispatch", "reconcile")}

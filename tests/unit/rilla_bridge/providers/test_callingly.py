@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from rilla_bridge.providers import parse_event
-from rilla_bridge.providers.callingly import KINDS, UNKEPT_KINDS, call_id, detect_kind, token_ok
+from rilla_bridge.providers.callingly import (
+    KINDS,
+    UNKEPT_KINDS,
+    call_id,
+    detect_kind,
+    kind_of,
+    token_ok,
+)
 from rilla_bridge.transform.model import TransformError
 from tests.fakes import load, skip_reason, snap
 
@@ -89,13 +96,27 @@ TOKEN = "acme-callingly-token-01"
 
 
 def test_token_must_match_exactly() -> None:
-    assert token_ok(TOKEN, TOKEN)
+    assert token_ok((TOKEN,), TOKEN)
 
 
 @pytest.mark.parametrize("given", [None, "", "wrong", TOKEN + "x", TOKEN[:-1], TOKEN.upper(),
                                    f" {TOKEN}", f"{TOKEN} ", TOKEN + "\u00e9", "\ud800"])
 def test_any_other_token_is_refused(given: str | None) -> None:
-    assert not token_ok(TOKEN, given)
+    assert not token_ok((TOKEN,), given)
+
+
+@pytest.mark.parametrize("tokens", [(TOKEN, "acme-callingly-token-02"),
+                                    ("acme-callingly-token-00", TOKEN)])
+def test_either_token_of_a_rotation_is_accepted(tokens: tuple[str, str]) -> None:
+    assert token_ok(tokens, TOKEN)
+    assert token_ok(tokens, tokens[0]) and token_ok(tokens, tokens[1])
+    assert not token_ok(tokens, "acme-callingly-token-03")
+    assert not token_ok(tokens, None)
+
+
+def test_no_token_accepts_nothing() -> None:
+    assert not token_ok((), TOKEN)
+    assert not token_ok((), "")
 
 
 def test_kinds() -> None:
@@ -119,6 +140,34 @@ def test_kind_from_shape(body: dict[str, Any], kind: str) -> None:
     assert detect_kind(body) == kind
 
 
+@pytest.mark.parametrize(("claimed", "body", "kind"), [
+    ("call_completed", {"id": 1, "seconds": 3}, "call_completed"),
+    (None, {"id": 1, "seconds": 3}, "call_completed"),
+    ("lead_created", {"id": 1, "seconds": 3}, "lead_created"),   # a lead is never kept
+    # A body shaped like a lead is a lead, whatever the unsigned ?event= says...
+    ("call_completed", {"id": 1, "fname": "Ana"}, "lead_created"),
+    ("call_completed", {"id": 1, "updatedField": "status"}, "lead_updated"),
+    ("lead_created", {"id": 1, "updatedField": "status"}, "lead_updated"),
+    # ...and so is one carrying a lead's account secrets, anywhere in it.
+    ("call_completed", {"id": 1, "seconds": 3, "two_factor_secret": "x"}, "lead_updated"),
+    ("call_completed", {"id": 1, "user": {"openai_key": "sk-x"}}, "lead_updated"),
+    ("call_completed", {"id": 1, "lead": {"id": 2, "users": [{"stripe_id": "cus"}]}},
+     "lead_updated"),
+    (None, {"id": 1, "account": {"webhook_slug": "x"}}, "lead_updated"),
+    ("call_completed", {"id": 1, "lead": {"id": 2, "updatedValue": "x"}}, "lead_updated"),
+])
+def test_kind_of_a_lead_shaped_body_is_a_lead_whatever_the_event_param(
+        claimed: str | None, body: dict[str, Any], kind: str) -> None:
+    assert kind_of(claimed, body) == kind
+    assert (kind in UNKEPT_KINDS) == kind.startswith("lead_")
+
+
+def test_kind_of_the_real_lead_bodies_posted_as_calls() -> None:
+    for fixture in ("lead_created", "lead_updated"):
+        assert kind_of("call_completed", load("callingly", fixture)) == fixture
+    assert kind_of("call_completed", load("callingly", "call_completed")) == "call_completed"
+
+
 @pytest.mark.parametrize(("fixture", "kind"), [
     ("call_completed", "call_completed"), ("call_completed_missed", "call_completed"),
     ("lead_created", "lead_created"), ("lead_updated", "lead_updated"),
@@ -134,3 +183,16 @@ def test_call_id_only_for_calls() -> None:
     assert call_id("call_completed", {}) is None
     for kind in ("lead_created", "lead_updated"):
         assert call_id(kind, {"id": 41872219}) is None   # a lead is not a call
+
+
+@pytest.mark.parametrize(("seconds", "call_seconds", "duration", "invalid"), [
+    (263, None, 263, None), (None, 40, 40, None), (95.5, 12, 96, None), ("0", 12, 0, None),
+    ("1e9", 12, None, "'1e9'"), (-5, None, None, "-5"), (90000, None, None, "90000"),
+])
+def test_seconds_are_rounded_or_kept_as_invalid(seconds: Any, call_seconds: Any,
+                                                duration: int | None,
+                                                invalid: str | None) -> None:
+    raw = {**load("callingly", "call_completed"), "seconds": seconds,
+           "call_seconds": call_seconds}
+    f = snap("callingly", "call_completed", raw).fields
+    assert (f["duration"], f["duration_invalid"]) == (duration, invalid)

@@ -17,6 +17,7 @@ from rilla_bridge.providers.callrail import (
     UNKEPT_KINDS,
     call_id,
     detect_kind,
+    kind_of,
     recording_api_call,
     signature,
     signature_ok,
@@ -143,7 +144,7 @@ def test_place_name_is_not_a_customer_name() -> None:
 
 def test_pre_call_placeholders_are_dropped() -> None:
     f = snap("callrail", "pre_call", load("callrail", "pre_call")).fields
-    for key in ("answered", "duration", "spam", "recording", "voicemail"):
+    for key in ("answered", "duration", "duration_invalid", "spam", "recording", "voicemail"):
         assert f[key] is None, key
     assert f["customer_phone"] == "+17205550139"
     assert f["start_time"] == "2025-04-02 16:03:12"
@@ -213,14 +214,14 @@ def vector_body() -> bytes:
 
 def test_vector_signature_function(vector_body: bytes) -> None:
     assert signature(VECTOR_KEY, vector_body) == VECTOR_SIGNATURE
-    assert signature_ok(VECTOR_KEY, vector_body, VECTOR_SIGNATURE)
+    assert signature_ok((VECTOR_KEY,), vector_body, VECTOR_SIGNATURE)
 
 
 @pytest.mark.parametrize("header", [VECTOR_SIGNATURE, f" {VECTOR_SIGNATURE} ",
                                     f"{VECTOR_SIGNATURE}\t"])
 def test_surrounding_whitespace_in_the_header_is_ignored(vector_body: bytes,
                                                          header: str) -> None:
-    assert signature_ok(VECTOR_KEY, vector_body, header)
+    assert signature_ok((VECTOR_KEY,), vector_body, header)
 
 
 @pytest.mark.parametrize("header", [
@@ -229,15 +230,15 @@ def test_surrounding_whitespace_in_the_header_is_ignored(vector_body: bytes,
     "UZAHbUdfm3GqL7qzilGozGzWV64=\u00e9",
 ])
 def test_missing_or_wrong_header_is_refused(vector_body: bytes, header: str | None) -> None:
-    assert not signature_ok(VECTOR_KEY, vector_body, header)
+    assert not signature_ok((VECTOR_KEY,), vector_body, header)
 
 
 def test_the_key_is_used_as_its_literal_string_not_hex_decoded(vector_body: bytes) -> None:
     decoded = base64.b64encode(
         hmac.new(bytes.fromhex(VECTOR_KEY), vector_body, hashlib.sha1).digest()).decode()
     assert decoded != VECTOR_SIGNATURE
-    assert not signature_ok(VECTOR_KEY, vector_body, decoded)
-    assert not signature_ok("other-key-000000", vector_body, VECTOR_SIGNATURE)
+    assert not signature_ok((VECTOR_KEY,), vector_body, decoded)
+    assert not signature_ok(("other-key-000000",), vector_body, VECTOR_SIGNATURE)
 
 
 def test_any_change_of_the_body_is_refused(vector_body: bytes) -> None:
@@ -246,15 +247,31 @@ def test_any_change_of_the_body_is_refused(vector_body: bytes) -> None:
         for delta in (1, 0x80):
             changed = bytearray(vector_body)
             changed[pos] = (changed[pos] + delta) % 256
-            assert not signature_ok(VECTOR_KEY, bytes(changed), VECTOR_SIGNATURE), (pos, delta)
+            assert not signature_ok((VECTOR_KEY,), bytes(changed), VECTOR_SIGNATURE), (
+                pos, delta)
     for raw in (vector_body[:-1], vector_body[1:], b" " + vector_body, vector_body + b"\n"):
-        assert not signature_ok(VECTOR_KEY, raw, VECTOR_SIGNATURE)
+        assert not signature_ok((VECTOR_KEY,), raw, VECTOR_SIGNATURE)
 
 
 def test_every_changed_signature_character_is_refused(vector_body: bytes) -> None:
     for i, c in enumerate(VECTOR_SIGNATURE):
         bad = VECTOR_SIGNATURE[:i] + ("A" if c != "A" else "B") + VECTOR_SIGNATURE[i + 1:]
-        assert not signature_ok(VECTOR_KEY, vector_body, bad), bad
+        assert not signature_ok((VECTOR_KEY,), vector_body, bad), bad
+
+
+# -- a key being rotated: either of two verifies ------------------------------------------------
+@pytest.mark.parametrize("keys", [(VECTOR_KEY, "the-new-signing-key-01"),
+                                  ("the-old-signing-key-01", VECTOR_KEY)])
+def test_either_key_of_a_rotation_verifies(vector_body: bytes, keys: tuple[str, str]) -> None:
+    assert signature_ok(keys, vector_body, VECTOR_SIGNATURE)
+    assert signature_ok(keys, vector_body, signature("the-new-signing-key-01", vector_body)) == (
+        "the-new-signing-key-01" in keys)
+
+
+def test_no_key_verifies_nothing(vector_body: bytes) -> None:
+    assert not signature_ok((), vector_body, VECTOR_SIGNATURE)
+    assert not signature_ok(("the-old-signing-key-01", "the-new-signing-key-01"), vector_body,
+                            VECTOR_SIGNATURE)
 
 
 # -- kinds ------------------------------------------------------------------------------------
@@ -277,6 +294,18 @@ def test_kinds_are_the_documented_event_values() -> None:
 ])
 def test_kind_from_shape(body: dict[str, Any], kind: str) -> None:
     assert detect_kind(body) == kind
+
+
+@pytest.mark.parametrize(("claimed", "body", "kind"), [
+    ("post_call", {"resource_id": "C1", "changes": {}}, "post_call"),       # the URL decides
+    ("call_modified", {"resource_id": "C1"}, "call_modified"),
+    (None, {"resource_id": "C1", "changes": {}}, "call_modified"),          # else the shape
+    ("", {"resource_id": "T1", "content": "hi"}, "text_received"),
+    (None, {}, "post_call"),
+])
+def test_kind_of_takes_the_event_param_else_the_shape(claimed: str | None,
+                                                      body: dict[str, Any], kind: str) -> None:
+    assert kind_of(claimed, body) == kind
 
 
 @pytest.mark.parametrize(("fixture", "kind"), [
@@ -327,3 +356,17 @@ def test_call_id_of_the_signature_vector_is_the_legacy_id(vector_body: bytes) ->
 ])
 def test_recording_api_call(url: Any, expected: tuple[str, str] | None) -> None:
     assert recording_api_call(url) == expected
+
+
+# -- durations: whole seconds, or the bad value kept by name ----------------------------------
+@pytest.mark.parametrize(("duration", "seconds", "invalid"), [
+    ("312", 312, None), (95.5, 96, None), ("95.5", 96, None), (95.4, 95, None), (0, 0, None),
+    ("86400", 86400, None), ("", None, None), (None, None, None),
+    ("1e9", None, "'1e9'"), ("-5", None, "'-5'"), (-5, None, "-5"), ("86401", None, "'86401'"),
+    ("4m 7s", None, "'4m 7s'"), (10 ** 12, None, "1000000000000"),
+])
+def test_duration_is_rounded_or_kept_as_invalid(duration: Any, seconds: int | None,
+                                                invalid: str | None) -> None:
+    raw = {**load("callrail", "post_call"), "duration": duration}
+    f = snap("callrail", "post_call", raw).fields
+    assert (f["duration"], f["duration_invalid"]) == (seconds, invalid)

@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 
+from rilla_bridge.tenants import CallRailConfig, Tenant
 from rilla_bridge.transform.build import build_action
 from rilla_bridge.transform.model import (
     Delete,
@@ -194,11 +195,44 @@ def test_missing_start_time_is_named() -> None:
         action_for("callrail", [("post_call", raw)])
 
 
-def test_absurd_duration_is_named_not_a_crash() -> None:
-    raw = load("callrail", "post_call")
-    raw["duration"] = "999999999999"
-    with pytest.raises(TransformError, match="no usable end time: start '2025-04-02 16:03:12' "
-                                             "plus duration 999999999999 seconds"):
+@pytest.mark.parametrize(("duration", "shown"), [
+    ("999999999999", "'999999999999'"), ("1e9", "'1e9'"), ("-5", "'-5'"), (-5, "-5"),
+    ("86401", "'86401'"), ("5 minutes", "'5 minutes'"),
+])
+def test_an_unusable_duration_is_delivered_with_end_at_start_and_a_note(duration: Any,
+                                                                        shown: str) -> None:
+    raw = {**load("callrail", "post_call"), "duration": duration}
+    result = action_for("callrail", [("post_call", raw)])
+    p = upsert(result)
+    assert p["start_time"] == p["end_time"] == "2025-04-02 16:03:12"
+    assert "duration" not in p["custom_fields"]
+    assert isinstance(result, Upsert) and result.notes == (
+        f"duration {shown} is not a number of seconds (0 to a day): the end time is the "
+        "start time",)
+
+
+def test_a_fractional_duration_is_rounded() -> None:
+    result = action_for("callrail", [("post_call", {**load("callrail", "post_call"),
+                                                    "duration": 95.5})])
+    p = upsert(result)
+    assert p["end_time"] == "2025-04-02 16:04:48"           # + 96 s
+    assert p["custom_fields"]["duration"] == 96
+    assert isinstance(result, Upsert) and result.notes == ()
+
+
+def test_a_later_good_duration_needs_no_note() -> None:
+    bad = {**load("callrail", "post_call"), "duration": "1e9"}
+    good = {**load("callrail", "call_modified_spam"), "spam": False, "duration": "312"}
+    result = action_for("callrail", [("post_call", bad), ("call_modified", good)])
+    assert upsert(result)["end_time"] == "2025-04-02 16:08:24"
+    assert isinstance(result, Upsert) and result.notes == ()
+
+
+def test_an_end_time_past_the_calendar_is_named_not_a_crash() -> None:
+    raw = {**load("callrail", "post_call"), "start_time": "9999-12-31T23:59:00+00:00",
+           "duration": "312"}
+    with pytest.raises(TransformError, match="no usable end time: start '9999-12-31 23:59:00' "
+                                             "plus duration 312 seconds is out of range"):
         action_for("callrail", [("post_call", raw)])
 
 
@@ -210,12 +244,176 @@ def test_no_customer_id_is_named() -> None:
         action_for("callrail", [("post_call", raw)])
 
 
-def test_huge_custom_field_is_refused_by_name() -> None:
+def test_a_huge_custom_field_is_shortened_with_a_note_not_refused() -> None:
     raw = load("callrail", "post_call")
     raw["tags"] = [f"tag-{i:05d}" for i in range(400)]
-    with pytest.raises(TransformError, match=r"custom field 'tags' is 4\d{3} characters "
-                                             r"\(limit 2000\)"):
-        action_for("callrail", [("post_call", raw)])
+    raw["campaign"] = "c" * 2000                                 # exactly the limit: kept
+    result = action_for("callrail", [("post_call", raw)])
+    custom = upsert(result)["custom_fields"]
+    full = ", ".join(raw["tags"])
+    assert len(full) == 4398
+    assert custom["tags"] == full[:1999] + "…" and len(custom["tags"]) == 2000
+    assert custom["campaign"] == "c" * 2000
+    assert isinstance(result, Upsert) and result.notes == (
+        "custom field 'tags' shortened from 4398 characters to 2000",)
+
+
+def test_every_shortened_field_is_noted() -> None:
+    raw = {**load("callrail", "post_call"), "campaign": "x" * 3000, "value": "v" * 2001}
+    result = action_for("callrail", [("post_call", raw)])
+    assert isinstance(result, Upsert) and result.notes == (
+        "custom field 'campaign' shortened from 3000 characters to 2000",
+        "custom field 'value' shortened from 2001 characters to 2000")
+
+
+def test_an_ordinary_call_has_no_notes() -> None:
+    result = action_for("callrail", [("post_call", load("callrail", "post_call"))])
+    assert isinstance(result, Upsert) and result.notes == ()
+
+
+# -- the rep: an invalid agent email falls back to the tenant's default ----------------------
+@pytest.mark.parametrize("agent", ["not an email", "mike at acme", "@acme.example", "a@b"])
+def test_an_invalid_agent_email_falls_back_to_the_default_with_a_note(agent: str) -> None:
+    raw = {**load("callrail", "post_call"), "agent_email": agent}
+    result = action_for("callrail", [("post_call", raw)])
+    assert upsert(result)["user_email"] == "office@acme.example"
+    assert isinstance(result, Upsert) and result.notes == (
+        f"agent_email {agent!r} is not an email address: the call goes to the tenant's "
+        "default_user_email",)
+
+
+def test_a_users_mapping_to_an_invalid_email_falls_back_too() -> None:
+    raw = {**load("callrail", "post_call"), "agent_email": "mike@acme.example"}
+    t = tenant(users={"mike@acme.example": "Mike R."})
+    result = action_for("callrail", [("post_call", raw)], t=t)
+    assert upsert(result)["user_email"] == "office@acme.example"
+    assert isinstance(result, Upsert) and "'Mike R.'" in result.notes[0]
+
+
+def test_an_invalid_agent_email_without_a_default_is_named() -> None:
+    raw = {**load("callrail", "post_call"), "agent_email": "not an email"}
+    with pytest.raises(TransformError) as exc:
+        action_for("callrail", [("post_call", raw)], t=tenant(default_user_email=None))
+    assert str(exc.value) == ("no rep email: agent_email 'not an email' is not an email "
+                              "address and tenant acme has no default_user_email")
+
+
+# -- recording URLs: https on public hosts, or a host the tenant lists ------------------------
+def _with_recording(url: str, t: Tenant | None = None) -> object:
+    raw = {**load("callrail", "post_call"), "recording": url}
+    return action_for("callrail", [("post_call", raw)], t=t)
+
+
+@pytest.mark.parametrize("url", [
+    "https://app.callrail.com/calls/CAL1/recording/redirect?access_key=abc",
+    "https://cdn.callingly.com/recordings/4f9a2c71e0b84d3a.mp3",
+    "https://8.8.8.8/r.mp3", "https://[2001:4860:4860::8888]/r.mp3",
+    "https://media.example.com:8443/r.mp3", "HTTPS://Media.Example.COM/r.mp3",
+])
+def test_https_recordings_on_public_hosts_are_sent(url: str) -> None:
+    assert upsert(_with_recording(url))["media_url"] == url
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://app.callrail.com/r.mp3", "is http http(s), not https"),
+    ("ftp://files.example.com/r.mp3", "is ftp http(s), not https"),
+    ("file:///etc/passwd", "is file http(s), not https"),
+    ("//media.example.com/r.mp3", "is not http(s), not https"),
+    ("https:///r.mp3", "has no host"),
+    ("https://169.254.169.254/latest/meta-data/", "names the non-public address 169.254.169.254"),
+    ("https://127.0.0.1/r.mp3", "names the non-public address 127.0.0.1"),
+    ("https://10.0.0.7/r.mp3", "names the non-public address 10.0.0.7"),
+    ("https://192.168.1.10/r.mp3", "names the non-public address 192.168.1.10"),
+    ("https://100.64.0.1/r.mp3", "names the non-public address 100.64.0.1"),
+    ("https://0.0.0.0/r.mp3", "names the non-public address 0.0.0.0"),
+    ("https://[::1]/r.mp3", "names the non-public address ::1"),
+    ("https://[fe80::1]/r.mp3", "names the non-public address fe80::1"),
+    ("https://[fd00::5]/r.mp3", "names the non-public address fd00::5"),
+    ("https://[::ffff:169.254.169.254]/r.mp3",
+     "names the non-public address ::ffff:169.254.169.254"),
+    ("https://localhost/r.mp3", "names the internal host 'localhost'"),
+    ("https://LocalHost:8443/r.mp3", "names the internal host 'localhost'"),
+    ("https://user:pw@localhost/r.mp3", "names the internal host 'localhost'"),
+    ("https://api.localhost/r.mp3", "names the internal host 'api.localhost'"),
+    ("https://nas.local/r.mp3", "names the internal host 'nas.local'"),
+    ("https://media.corp.internal/r.mp3", "names the internal host 'media.corp.internal'"),
+    ("https://router.home.arpa/r.mp3", "names the internal host 'router.home.arpa'"),
+    ("https://recordings/r.mp3", "names the internal host 'recordings'"),
+    # the same hosts spelt otherwise: a final dot, the older IPv4 forms clients still resolve
+    ("https://localhost./r.mp3", "names the internal host 'localhost'"),
+    ("https://nas.local./r.mp3", "names the internal host 'nas.local'"),
+    ("https://169.254.169.254./latest/", "names the non-public address 169.254.169.254"),
+    ("https://127.1/r.mp3", "names the non-public address 127.1"),
+    ("https://0x7f.1/r.mp3", "names the non-public address 0x7f.1"),
+    ("https://0177.0.0.1/r.mp3", "names the non-public address 0177.0.0.1"),
+    ("https://2130706433/r.mp3", "names the non-public address 2130706433"),
+    ("https://0xa9fea9fe/latest/", "names the non-public address 0xa9fea9fe"),
+])
+def test_recordings_elsewhere_are_refused_by_name(url: str, why: str) -> None:
+    with pytest.raises(TransformError) as exc:
+        _with_recording(url)
+    assert str(exc.value) == (f"recording URL {why}: only https URLs on public hosts are sent "
+                              "to Rilla (add the host to the tenant's recording_hosts if it is "
+                              "right)")
+
+
+@pytest.mark.parametrize("url", ["https://media.corp.internal/r.mp3",
+                                 "http://media.corp.internal:8080/r.mp3",
+                                 "https://10.0.0.7/r.mp3", "https://Media.Corp.Internal./r.mp3"])
+def test_a_host_the_tenant_lists_is_allowed(url: str) -> None:
+    t = tenant(recording_hosts=("media.corp.internal", "10.0.0.7"))
+    assert upsert(_with_recording(url, t))["media_url"] == url
+
+
+def test_a_listed_host_still_needs_http() -> None:
+    t = tenant(recording_hosts=("media.corp.internal",))
+    with pytest.raises(TransformError, match="recording URL is not http"):
+        _with_recording("ftp://media.corp.internal/r.mp3", t)
+    with pytest.raises(TransformError, match=r"internal host 'other\.internal'"):
+        _with_recording("https://other.internal/r.mp3", t)
+
+
+def test_a_resolved_api_recording_is_checked_too() -> None:
+    resolved = {API_URL: "https://169.254.169.254/latest/meta-data/"}
+    with pytest.raises(TransformError, match=r"non-public address 169\.254\.169\.254"):
+        action_for("callrail", [("api_call", load("callrail", "api_call"))], resolved=resolved)
+
+
+# -- an API recording.json URL: only the event's own call, in the tenant's own account -------
+def _api_tenant(account: str = "227799611") -> Tenant:
+    return tenant(callrail=CallRailConfig(signing_keys=("acme-signing-key-0001",),
+                                          account_id=account, api_key="agency-api-key-000003"))
+
+
+def test_the_own_call_in_the_own_account_is_looked_up() -> None:
+    result = action_for("callrail", [("api_call", load("callrail", "api_call"))],
+                        t=_api_tenant())
+    assert result == NeedsRecording(api_url=API_URL, account_id="227799611", call_id=API_CAL)
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("https://api.callrail.com/v3/a/227799611/calls/CALanother/recording.json",
+     "recording URL names CallRail call 'CALanother' in account '227799611'"),
+    (f"https://api.callrail.com/v3/a/999999/calls/{API_CAL}/recording.json",
+     f"recording URL names CallRail call '{API_CAL}' in account '999999'"),
+    ("https://api.callrail.com/v3/a/999999/calls/CALanother/recording.json",
+     "recording URL names CallRail call 'CALanother' in account '999999'"),
+])
+def test_another_call_or_account_is_refused_before_any_lookup(url: str, named: str) -> None:
+    raw = {**load("callrail", "api_call"), "recording": url}
+    with pytest.raises(TransformError) as exc:
+        action_for("callrail", [("api_call", raw)], t=_api_tenant(),
+                   resolved={url: "https://app.callrail.com/calls/X/recording?access_key=k"})
+    assert str(exc.value) == (f"{named}; only this call ({API_CAL}) in the tenant's own "
+                              "account (227799611) is looked up")
+
+
+def test_without_an_account_only_the_call_is_checked() -> None:
+    other = {**load("callrail", "api_call"),
+             "recording": "https://api.callrail.com/v3/a/1/calls/CALanother/recording.json"}
+    with pytest.raises(TransformError, match=r"only this call \(.*\) in the tenant's own "
+                                             r"account \(none\)"):
+        action_for("callrail", [("api_call", other)])
 
 
 def test_unknown_source_is_an_error() -> None:

@@ -10,9 +10,11 @@ from rilla_bridge.transform.fields import (
     clean_id,
     clean_int,
     clean_scalar,
+    clean_seconds,
     clean_tags,
     clean_text,
     naive_utc,
+    seconds_field,
     to_utc,
 )
 
@@ -32,6 +34,23 @@ def test_clean_bool_reads_string_booleans(raw: Any, expected: bool | None) -> No
 ])
 def test_clean_int_reads_string_numbers(raw: Any, expected: int | None) -> None:
     assert clean_int(raw) == expected
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("312", 312), (312, 312), (95.5, 96), ("95.5", 96), (95.49, 95), (" 13 ", 13), (0, 0),
+    ("0.4", 0), (86400, 86400), ("86400.4", "'86400.4'"), (13.0, 13),
+    (None, None), ("", None), ("  ", None),
+    # not a call's length: the value comes back as text, to be named on the timeline
+    ("1e9", "'1e9'"), ("-5", "'-5'"), (-5, "-5"), (-0.5, "-0.5"), ("86401", "'86401'"),
+    (86400.6, "86400.6"), (10 ** 12, "1000000000000"), ("4m 7s", "'4m 7s'"), ("95.", "'95.'"),
+    ("+5", "'+5'"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"),
+    ([1], "[1]"), ({"s": 1}, "{'s': 1}"), ("9" * 100, "'" + "9" * 39 + "..."),
+])
+def test_clean_seconds_rounds_counts_and_names_the_rest(raw: Any,
+                                                        expected: int | str | None) -> None:
+    assert clean_seconds(raw) == expected
+    assert seconds_field(clean_seconds(raw)) == (
+        (None, expected) if isinstance(expected, str) else (expected, None))
 
 
 @pytest.mark.parametrize(("raw", "expected"), [

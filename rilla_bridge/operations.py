@@ -1,0 +1,99 @@
+"""What an operator does: the one service layer the command line, the console and the admin
+API call (none re-implements another). Reads come from the history database; actions go
+through ``rilla_bridge.lifecycle`` (which records them in history and the audit log).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from sqlalchemy.engine import Engine
+
+from rilla_bridge import keys
+from rilla_bridge.clock import Clock
+from rilla_bridge.history import queries
+from rilla_bridge.history.db import reading
+from rilla_bridge.lifecycle import Lifecycle, make_lifecycle
+from rilla_bridge.settings import Settings
+from rilla_bridge.tenants import Tenant
+
+# A bulk replay feeds a tenant's bulk lane only while it holds fewer than this many seconds
+# of work at the bulk pace: Redis holds what is about to run, history holds the rest.
+FEED_AHEAD_SECONDS = 4.0
+
+
+@dataclass
+class BulkResult:
+    """What a bulk action did: how many, and why the others were left."""
+
+    done: int = 0
+    left: list[tuple[str, str]] = field(default_factory=list)   # (event id, why)
+
+
+class Operations:
+    def __init__(self, settings: Settings, client: redis.Redis, engine: Engine, clock: Clock,
+                 tenants: Mapping[str, Tenant], lifecycle: Lifecycle | None = None) -> None:
+        self.settings = settings
+        self.redis = client
+        self.engine = engine
+        self.clock = clock
+        self.tenants = tenants
+        self.lifecycle = lifecycle or make_lifecycle(client, clock, settings, tenants)
+
+    # -- dead letters ------------------------------------------------------------------------
+    def replay(self, event_ids: Iterable[str], actor: str, *,
+               progress: Callable[[int], None] | None = None,
+               cancelled: Callable[[], bool] | None = None) -> BulkResult:
+        """Run dead letters again from their raw events, with today's tenants file, through
+        their tenants' bulk lanes (paced, live events first). Feeds each lane only a few
+        seconds ahead, so a replay of thousands never fills Redis with their bodies."""
+        out = BulkResult()
+        ids = list(event_ids)
+        for n, event_id in enumerate(ids, 1):
+            if cancelled and cancelled():
+                out.left += [(i, "cancelled") for i in ids[n - 1:]]
+                break
+            with reading(self.engine, 10.0) as conn:
+                found = queries.event(conn, event_id, with_body=True)
+            why = self._unreplayable(found)
+            if why is None and found is not None:
+                record = dict(found["event"])
+                record["body"] = bytes(record["body"])
+                self._wait_for_room(str(record["tenant"]))
+                if self.lifecycle.replay(record, actor):
+                    out.done += 1
+                else:
+                    why = "in progress, or replayed within the hour"
+            if why is not None:
+                out.left.append((event_id, why))
+            if progress:
+                progress(n)
+        self.lifecycle.audit(actor, "dlq.replay", {"ids": ids[:100], "count": len(ids)},
+                             out.done)
+        return out
+
+    @staticmethod
+    def _unreplayable(found: Mapping[str, Any] | None) -> str | None:
+        if found is None:
+            return "no such event in history"
+        if not any(d.get("handled_at") is None for d in found.get("dead_letters") or []):
+            return "not an open dead letter (replayed or deleted already?)"
+        if not found["event"].get("body"):
+            return "its raw body was not kept (a lead event)"
+        return None
+
+    def _wait_for_room(self, tenant: str) -> None:
+        ahead = max(10, int(self.settings.bulk_rate_per_second * FEED_AHEAD_SECONDS))
+        while self.redis.llen(keys.bulk_lane(tenant)) >= ahead:
+            time.sleep(0.2)
+
+    def delete(self, event_ids: Iterable[str], actor: str) -> BulkResult:
+        """Close dead letters without running them (history keeps the events)."""
+        ids = list(event_ids)
+        done = self.lifecycle.delete_dead_letters(ids, actor)
+        self.lifecycle.audit(actor, "dlq.delete", {"ids": ids[:100], "count": len(ids)}, done)
+        return BulkResult(done=done)
