@@ -28,6 +28,7 @@ from rilla_bridge.settings import Settings
 
 TARGET = "app.rsgi:build"
 KILL_AFTER_SECONDS = 15
+BACKPRESSURE = 2048
 # Request line plus headers: a webhook's are well under 2 KiB; more is refused with a 4xx.
 MAX_HEAD_BYTES = 16 * 1024
 LOG_CONFIG: dict[str, Any] = {
@@ -54,6 +55,9 @@ def server_options(settings: Settings, host: str) -> dict[str, Any]:
         "target": TARGET, "factory": True, "interface": Interfaces.RSGI,
         "address": host, "port": settings.port, "workers": settings.web_concurrency,
         "http": HTTPModes.http1, "websockets": False,
+        # requests in the app at once per worker, most of them waiting for a trickled body
+        # (a coroutine each, cheap); past this granian stops handing requests over
+        "backpressure": BACKPRESSURE,
         "http1_settings": HTTP1Settings(
             header_read_timeout=int(settings.web_read_timeout_seconds * 1000),
             max_buffer_size=MAX_HEAD_BYTES),

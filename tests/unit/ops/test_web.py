@@ -45,6 +45,7 @@ def test_server_options_follow_the_settings() -> None:
     assert (options["address"], options["port"], options["workers"]) == ("127.0.0.1", 8123, 3)
     assert options["http1_settings"].header_read_timeout == 7500
     assert options["log_access"] is False and options["respawn_failed_workers"] is True
+    assert options["backpressure"] >= 1024   # body tricklers wait in the app, each a slot
     # a stuck worker is killed well before Heroku's SIGKILL, 30 s after its SIGTERM
     assert options["workers_kill_timeout"] == KILL_AFTER_SECONDS
     assert 7.5 * 2 <= KILL_AFTER_SECONDS <= 20
