@@ -36,7 +36,7 @@ _INTERNAL: Response = (500, [("Content-Type", "application/json")], b'{"error": 
 _EMPTY = b""
 
 
-class _BrokenStream(Exception):
+class _BrokenBody(Exception):
     """granian reported a broken request body."""
 
 
@@ -102,16 +102,22 @@ class RsgiAdapter:
         door then answers 413 and the connection is closed)."""
         chunks: list[bytes] = []
         total = 0
+        ends = 0
         async for chunk in protocol:
+            # granian (2.x) ends every body stream with one empty chunk, and hands over a
+            # broken one (bad chunk size, client gone) as one more empty chunk before that;
+            # so do trailers, which no webhook sender uses (such a body is refused too).
             if not chunk:
-                # granian hands over a broken stream (bad chunk size, client gone) as one
-                # empty chunk, then the end; a data chunk is never empty. (So are trailers,
-                # which no webhook sender uses: such a body is refused too.)
-                raise _BrokenStream
+                ends += 1
+                continue
+            if ends:
+                raise _BrokenBody
             chunks.append(chunk)
             total += len(chunk)
             if total > self.max_body_bytes:
-                break
+                return b"".join(chunks)
+        if ends > 1:
+            raise _BrokenBody
         return b"".join(chunks)
 
     @staticmethod

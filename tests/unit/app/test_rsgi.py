@@ -85,12 +85,15 @@ class Protocol:
         self.awaited += 1
         if self.stall:
             await asyncio.Event().wait()
-        if self.fail:   # granian: a broken stream is one empty chunk, then the end
+        if self.fail:   # granian: a broken stream is one more empty chunk before the end
+            yield b"{"
+            yield b""
             yield b""
             return
         for chunk in self.chunks:
             self.taken += len(chunk)
             yield chunk
+        yield b""        # granian ends every stream with an empty chunk
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iter()
@@ -169,7 +172,7 @@ def test_a_broken_body_is_400_and_closes(adapter: RsgiAdapter, length: bool,
     raw = b'{"resource_id": "CAL4"}'
     status, headers, body = serve(adapter, webhook(raw, length=length), Protocol(fail=True))
     assert status == 400 and headers["connection"] == "close"
-    assert ("ProtocolError" if length else "BrokenStream") in json.loads(body)["error"]
+    assert ("ProtocolError" if length else "BrokenBody") in json.loads(body)["error"]
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
 
 
