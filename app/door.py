@@ -25,19 +25,47 @@ from app.intake import Intake, Reply, WebhookRequest, error_body
 log = logging.getLogger("rilla_bridge.web")
 WEBHOOK_PATH = re.compile(r"/webhooks/(callrail|callingly)/([^/]+)")
 _STATUS_LINE = {code: f"{code} {HTTP_STATUS_CODES[code].upper()}"
-                for code in (200, 202, 400, 401, 404, 405, 413, 429, 500, 503)}
+                for code in (200, 202, 400, 401, 404, 405, 408, 413, 429, 500, 503)}
 _INTERNAL = Reply(500, error_body("internal error"))
 _metric_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
-class ShortBody(Exception):
+class UnreadableBody(Exception):
+    """The whole body could not be read: a broken chunked encoding, a client that hung up,
+    or whatever else the server's input stream raised. The message is safe to log: it never
+    holds body bytes (a server's own exception text may, so only its type name is kept)."""
+
+    status = 400
+
+
+class ShortBody(UnreadableBody):
     """The client sent fewer bytes than its Content-Length."""
+
+    def __init__(self) -> None:
+        super().__init__("body shorter than its Content-Length")
+
+
+class BodyTimeout(UnreadableBody):
+    """The body did not arrive within the server's read deadline."""
+
+    status = 408
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes | None:
     """The body, or None when it is over ``limit`` (never reading more than limit + 1 bytes).
     werkzeug's input stream: bounded by Content-Length, or read to EOF when the server says
-    the input is terminated (chunked bodies), else empty."""
+    the input is terminated (chunked bodies), else empty. Raises ``UnreadableBody`` when the
+    stream fails, whatever the server's own exception was."""
+    try:
+        return _read_body(environ, limit)
+    except UnreadableBody:
+        raise
+    except Exception as exc:   # gunicorn's InvalidChunkSize/NoMoreData, OSError, ...: their
+        # text can quote the raw bytes they choked on, so only the type name goes on
+        raise UnreadableBody(f"body could not be read ({type(exc).__name__})") from None
+
+
+def _read_body(environ: dict[str, Any], limit: int) -> bytes | None:
     length = environ.get("CONTENT_LENGTH")
     if length and length.isascii() and length.isdigit():
         declared = int(length)
@@ -108,8 +136,9 @@ class FrontDoor:
         limit = self.max_body_bytes
         try:
             body = read_body(environ, limit)
-        except ShortBody:
-            return Reply(400, error_body("body shorter than its Content-Length"))
+        except UnreadableBody as exc:
+            # the rest of the request may still be on the wire: close the connection
+            return Reply(exc.status, error_body(str(exc)), (("Connection", "close"),))
         if body is None:
             return Reply(413, error_body(f"body over {limit} bytes"), (("Connection", "close"),))
         return self.intake.handle(WebhookRequest(

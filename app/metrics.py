@@ -1,9 +1,11 @@
-"""Prometheus metrics for the web process, correct across several gunicorn workers.
+"""Prometheus metrics for the web process, correct across several worker processes.
 
-Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set by ``app/gunicorn_conf.py`` before any
-worker imports prometheus_client, so every worker writes its own mmap files and /metrics
-adds them up. System-wide gauges (queue depth, dead letters, delivery counters written by the
-workers) are read from Redis at scrape time.
+``rilla-bridge web`` (``ops/web.py``) sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker
+imports prometheus_client, so every worker writes its own mmap files and /metrics adds them
+up. Only counters and histograms live there: a gauge would need its dead workers' files
+marked (prometheus_client's ``mark_process_dead``), which granian has no hook for.
+System-wide gauges (queue depth, dead letters, delivery counters written by the workers) are
+read from Redis at scrape time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""gunicorn's import target: ``gunicorn -c app/gunicorn_conf.py app.wsgi:app``."""
+"""The web app as a WSGI import target (``app.wsgi:app``), for any WSGI server.
+
+The web process itself (``rilla-bridge web``) serves it through granian's RSGI interface
+(``app.rsgi``); the benchmarks also run it under gunicorn for comparison.
+"""
 
 from app import create_app
 

@@ -3,10 +3,10 @@
 Modes (all on loopback, Redis db 14 flushed first, tenant ``acme`` from tests/system.py):
 
 * throughput (default): for each sandbox latency (0 and 100 ms) post N signed CallRail
-  post-call events to intake (gunicorn) while no worker runs, then start the worker(s) and time
-  until the Rilla sandbox's /_sandbox/stats shows N successful upserts. The same run starts
-  ``bench/baseline_celery.py`` workers (same pool, concurrency, process count) on N queued
-  tasks that only POST a fixed payload to the same sandbox.
+  post-call events to intake (``rilla-bridge web``) while no worker runs, then start the
+  worker(s) and time until the Rilla sandbox's /_sandbox/stats shows N successful upserts.
+  The same run starts ``bench/baseline_celery.py`` workers (same pool, concurrency, process
+  count) on N queued tasks that only POST a fixed payload to the same sandbox.
 * latency (part of the default run, at the highest latency): post at a steady ``--rate``
   events/s for ``--steady-seconds`` with the workers running; end-to-end latency is the
   sandbox appointment's ``_sandbox.created_at`` minus the moment the POST was sent.
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-latency-ms", type=int, default=100)
     args = p.parse_args(argv)
     config = (f"{args.processes} worker process(es) x gevent -c {args.concurrency}, "
-              f"web: gunicorn sync x{args.web_workers}, TENANT_MAX_INFLIGHT="
+              f"web: granian x{args.web_workers}, TENANT_MAX_INFLIGHT="
               f"{args.tenant_max_inflight or 'default (128)'}")
     if args.memory:
         print(f"memory run: {args.memory_events} events at {args.memory_rate}/s; {config}")

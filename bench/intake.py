@@ -1,16 +1,19 @@
 """Intake throughput and latency (issue 2): rilla-bridge's web process against a bare baseline.
 
-For each gunicorn setting (worker class and count, the SAME for both apps) the run starts
+For each configuration ``OURS[/BASE]`` the run starts
 
-* the bare baseline, ``bench/baseline_app.py`` (Flask handler that only LPUSHes the body), and
-* rilla-bridge, ``gunicorn -c app/gunicorn_conf.py app.wsgi:app`` via tests/system.py,
+* the bare baseline, ``bench/baseline_app.py`` (Flask handler that only LPUSHes the body),
+  always under gunicorn (sync, or gthread): the naive stack we measure ourselves against, and
+* rilla-bridge via tests/system.py: ``rilla-bridge web`` (granian, as in the Procfile) for
+  ``granian:W``, or the same WSGI app under gunicorn for ``sync:W`` / ``gthread:W:T``,
 
 and drives each with wrk (``--connections`` connections, default 32) for ``--duration``
 seconds after a short warm-up, with pre-generated, signed, unique CallRail post-call bodies
 (tenant ``acme``; each body has its own resource_id so dedup never short-circuits). Redis db
 14 is flushed before every measurement. Prints a table and writes bench/results/intake-*.json.
 
-    .venv/bin/python -m bench.intake                       # default settings matrix
+    .venv/bin/python -m bench.intake --configs granian:2 --repeat 4   # vs gunicorn sync -w 2
+    .venv/bin/python -m bench.intake --configs granian:2/sync:4 sync:4 --repeat 4
     .venv/bin/python -m bench.intake --configs gthread:2:4 --profile
 """
 
@@ -51,19 +54,38 @@ from tests.system import BIN, System
 LUA = ROOT / "bench" / "intake.lua"
 
 
-def parse_config(text: str) -> dict[str, Any]:
-    """``sync:W`` or ``gthread:W:T`` (worker class, workers, threads)."""
+def _server(text: str) -> dict[str, Any]:
+    """``sync:W``, ``gthread:W:T`` (gunicorn) or ``granian:W``."""
     parts = text.split(":")
     kind, workers = parts[0], int(parts[1])
+    if kind not in ("sync", "gthread", "granian"):
+        raise argparse.ArgumentTypeError("server must be sync:W, gthread:W:T or granian:W")
     threads = int(parts[2]) if len(parts) > 2 else (4 if kind == "gthread" else 1)
-    if kind not in ("sync", "gthread"):
-        raise argparse.ArgumentTypeError("worker class must be sync or gthread")
     return {"worker_class": kind, "workers": workers, "threads": threads,
             "name": f"{kind} w={workers}" + (f" t={threads}" if kind == "gthread" else "")}
 
 
+def parse_config(text: str) -> dict[str, Any]:
+    """``OURS[/BASE]``: rilla-bridge's server, and the baseline's (always gunicorn: the bare
+    Flask app's naive stack). Without ``/BASE`` the baseline runs gunicorn with the same
+    setting, or ``sync:W`` when ours runs granian with W workers."""
+    ours_text, _, base_text = text.partition("/")
+    ours = _server(ours_text)
+    if base_text:
+        base = _server(base_text)
+    elif ours["worker_class"] == "granian":
+        base = _server(f"sync:{ours['workers']}")
+    else:
+        base = ours
+    if base["worker_class"] == "granian":
+        raise argparse.ArgumentTypeError("the baseline runs gunicorn (sync or gthread)")
+    name = ours["name"] if base is ours else f"{ours['name']} vs base {base['name']}"
+    return {"ours": ours, "base": base, "name": name}
+
+
 def gunicorn_args(cfg: dict[str, Any]) -> list[str]:
-    args = ["--workers", str(cfg["workers"]), "--worker-class", cfg["worker_class"]]
+    args = ["--workers", str(cfg["workers"]), "--worker-class", cfg["worker_class"],
+            "--no-control-socket"]
     if cfg["worker_class"] == "gthread":
         args += ["--threads", str(cfg["threads"])]
     return args
@@ -165,20 +187,21 @@ def _cpu(sysm: System) -> float:
 def run_app(label: str, cfg: dict[str, Any], bodies: Path, args: argparse.Namespace,
             prof: bool) -> dict[str, Any]:
     flush(args.redis)
+    server = cfg["base" if label == "baseline" else "ours"]
     if label == "baseline":
         sysm = System(redis_url=args.redis)
         port = free_port()
-        sysm._spawn("baseline", [str(BIN / "gunicorn"), *gunicorn_args(cfg), "--bind",
+        sysm._spawn("baseline", [str(BIN / "gunicorn"), *gunicorn_args(server), "--bind",
                                  f"127.0.0.1:{port}", "bench.baseline_app:app"])
         wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok,
                  what="baseline web")
     else:
-        sysm = System(redis_url=args.redis,
-                      env_extra={"GUNICORN_CMD_ARGS": " ".join(gunicorn_args(cfg)[2:])})
-        sysm.start_web(workers=cfg["workers"])
+        sysm = System(redis_url=args.redis)
+        sysm.start_web(workers=server["workers"], threads=server["threads"],
+                       server="granian" if server["worker_class"] == "granian" else "gunicorn")
         port = sysm.web_port
     try:
-        return measure(label, sysm, port, bodies, args, cfg, prof)
+        return measure(label, sysm, port, bodies, args, server, prof)
     finally:
         teardown(sysm, args.redis)
 
@@ -188,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis", default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS),
                    help="Redis URL of a db this benchmark may FLUSH (default db 14)")
     p.add_argument("--configs", nargs="+", type=parse_config,
-                   default=[parse_config(c) for c in
-                            ("sync:2", "sync:3", "sync:4", "gthread:2:4", "gthread:3:4")])
+                   default=[parse_config(c) for c in ("granian:2", "granian:2/sync:4")],
+                   help="OURS[/BASE], each sync:W, gthread:W:T or granian:W (ours only); "
+                        "default: granian:2 granian:2/sync:4")
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--connections", type=int, default=32)

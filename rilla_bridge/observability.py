@@ -13,7 +13,9 @@ from typing import Any
 _SENSITIVE_KEY = re.compile(
     r"(signature|token|api[-_]?key|authorization|secret|password|cookie|access_key|x-api-key|"
     r"signing_key|body|data)", re.IGNORECASE)
-_ACCESS_KEY = re.compile(r"(access_key=)[^&\s\"']+", re.IGNORECASE)
+# Secrets in URLs: CallRail recording links (access_key=), Callingly webhook URLs (token=), and
+# any request line a server quotes in its own error message.
+_URL_SECRET = re.compile(r"((?:access_key|token)=)[^&\s\"']+", re.IGNORECASE)
 # Callingly recording links are bearer links: their path is the secret (cdn.callingly.com).
 _CALLINGLY_LINK = re.compile(r"(https?:\\?/\\?/[a-z0-9.-]*callingly\.com)[^\s\"'<>]*",
                              re.IGNORECASE)
@@ -79,9 +81,9 @@ def redact_text(text: str) -> str:
     folded = text.casefold()
     if "callingly.com" in folded:
         text = _CALLINGLY_LINK.sub(r"\1/" + FILTERED, text)
-    if "access_key" not in folded:   # the regex costs ten times this test
+    if "access_key" not in folded and "token=" not in folded:   # the regex costs ten times this
         return text
-    return _ACCESS_KEY.sub(r"\1" + FILTERED, text)
+    return _URL_SECRET.sub(r"\1" + FILTERED, text)
 
 
 def scrub(value: Any, key: str = "") -> Any:

@@ -40,17 +40,18 @@ def make_redis(settings: Settings, **overrides: Any) -> redis.Redis:
 class ConnectionPerThread:
     """A single-connection redis-py client per thread (and per process), built on first use.
 
-    For the web process's webhook path: a gunicorn sync worker serves one request at a time,
-    and going through redis-py's pool costs about 12 us per command (a lock, a poll syscall,
-    redis-py 8's connection-count metrics). A single-connection client connects when it is
-    built, so it is built lazily: while Redis is down, calling this raises the RedisError the
-    caller turns into a 503, and the next call tries again. After a fork the child builds its
+    For the web process's webhook path, which runs on one thread per worker process (the
+    event loop thread of a granian worker, ``app.rsgi``; a sync worker's only thread under a
+    WSGI server), one request at a time; going through redis-py's pool costs about 12 us per
+    command (a lock, a poll syscall, redis-py 8's connection-count metrics). A
+    single-connection client connects when it is built, so it is built lazily: while Redis is
+    down, calling this raises the RedisError the caller turns into a 503, and the next call
+    tries again. After a fork the child builds its
     own, never sharing the parent's socket. Unlike a pooled connection it is not checked
     before use, and redis-py 8 does not retry a command on it: after a Redis restart the first
     command meets the closed socket and fails (``Lifecycle.receive`` then tries once more),
-    and the next one reconnects. Meant for sync (or gthread) gunicorn workers: under a gevent
-    or eventlet worker ``threading.local`` is per greenlet, so every request would open a
-    connection of its own.
+    and the next one reconnects. Meant for real threads: under gevent or eventlet
+    ``threading.local`` is per greenlet, so every request would open a connection of its own.
     """
 
     def __init__(self, factory: Callable[[], redis.Redis]) -> None:

@@ -2,9 +2,9 @@
 
 Other modules receive a ``Settings`` object. The only other reads of the environment are the
 variables that belong to a library's own convention and are read where that library expects
-them: ``PROMETHEUS_MULTIPROC_DIR`` (the web server's config), ``REQUESTS_CA_BUNDLE`` /
-``CURL_CA_BUNDLE`` and the proxy variables (``rilla_bridge.http``), and the ``${NAME}``
-references of the tenants file (``rilla_bridge.tenants``).
+them: ``PROMETHEUS_MULTIPROC_DIR`` (the web server's launcher, ``ops/web.py``),
+``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` and the proxy variables (``rilla_bridge.http``),
+and the ``${NAME}`` references of the tenants file (``rilla_bridge.tenants``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Settings:
     admin_token: str = ""
     sentry_dsn: str = ""
     port: int = 8000
-    web_concurrency: int = 4   # gunicorn sync workers (Heroku sets WEB_CONCURRENCY)
+    web_concurrency: int = 2   # granian worker processes (Heroku sets WEB_CONCURRENCY)
     retry_base_seconds: float = 5.0
     retry_max_delay_seconds: float = 3600.0
     retry_max_age_seconds: float = 86400.0
@@ -103,6 +103,8 @@ class Settings:
     redis_tls_cert_reqs: str = "required"  # required | optional | none (Heroku: none)
     dedup_window_seconds: int = 86400
     max_body_bytes: int = 1024 * 1024
+    # The web's deadline for a client's request headers, and then again for its body.
+    web_read_timeout_seconds: float = 10.0
     environment: str = "production"   # Sentry's environment tag
     # Celery/kombu: a message not acked this long after a worker took it is handed out again.
     visibility_timeout_seconds: int = 60
@@ -175,6 +177,8 @@ class Settings:
             redis_tls_cert_reqs=_str(e, "REDIS_TLS_CERT_REQS", cls.redis_tls_cert_reqs).lower(),
             dedup_window_seconds=_int(e, "DEDUP_WINDOW_SECONDS", cls.dedup_window_seconds),
             max_body_bytes=cls.max_body_bytes,
+            web_read_timeout_seconds=_float(
+                e, "WEB_READ_TIMEOUT_SECONDS", cls.web_read_timeout_seconds),
             environment=_str(e, "ENVIRONMENT", cls.environment),
             visibility_timeout_seconds=_int(
                 e, "VISIBILITY_TIMEOUT_SECONDS", cls.visibility_timeout_seconds
@@ -230,6 +234,9 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"{f.name.upper()} must not be negative")
+        if self.web_concurrency < 1 or not 0 < self.web_read_timeout_seconds <= 60:
+            raise ConfigError("WEB_CONCURRENCY must be at least 1 and WEB_READ_TIMEOUT_SECONDS "
+                              "between 0 and 60")
         if self.retry_base_seconds <= 0:
             raise ConfigError("RETRY_BASE_SECONDS must be positive")
         if not 0 < self.reconcile_budget_share <= 1 or not 0 < self.backfill_budget_share <= 1:

@@ -26,7 +26,7 @@ from tests.support import free_port, port_open
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# ``stop`` gives the sandboxes, gunicorn and the scheduler this long to exit on SIGTERM (they
+# ``stop`` gives the sandboxes, the web and the scheduler this long to exit on SIGTERM (they
 # take a few hundred milliseconds), then kills what is left. Celery workers are not waited for:
 # their warm shutdown takes seconds (so does the cold one, SIGQUIT), and nothing a test checks
 # happens after ``stop`` (the test's data goes with it).
@@ -177,11 +177,26 @@ class System:
         if wait:
             self.ready()
 
-    def start_web(self, workers: int = 2, wait: bool = True) -> None:
+    def start_web(self, workers: int = 2, wait: bool = True, server: str = "granian",
+                  threads: int = 1) -> None:
+        """The web process as the Procfile runs it (``rilla-bridge web``); with
+        ``server="gunicorn"``, the same app under gunicorn's sync workers (gthread with
+        ``threads`` > 1) instead, as it was served before issue 14: benchmarks and a test
+        compare the two."""
         self.env_extra["WEB_CONCURRENCY"] = str(workers)
-        self._spawn("web", [str(BIN / "gunicorn"), "-c", "app/gunicorn_conf.py",
-                            "--bind", f"127.0.0.1:{self.web_port}", "app.wsgi:app"],
-                    lambda: requests.get(f"{self.web}/healthz", timeout=1).ok, timeout=20)
+        if server == "granian":
+            args = [str(BIN / "rilla-bridge"), "web", "--host", "127.0.0.1"]
+        elif server == "gunicorn":
+            self.env_extra.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                                      tempfile.mkdtemp(prefix="rb-metrics-"))
+            args = [str(BIN / "gunicorn"), "--workers", str(workers), "--timeout", "30",
+                    "--worker-class", "sync" if threads == 1 else "gthread",
+                    "--threads", str(threads), "--no-control-socket",
+                    "--bind", f"127.0.0.1:{self.web_port}", "app.wsgi:app"]
+        else:
+            raise ValueError(f"unknown web server {server!r}")
+        self._spawn("web", args, lambda: requests.get(f"{self.web}/healthz", timeout=1).ok,
+                    timeout=20)
         if wait:
             self.ready()
 

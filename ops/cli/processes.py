@@ -1,4 +1,5 @@
-"""Commands that run a process: the scheduler, history, a sandbox, the whole system locally."""
+"""Commands that run a process: the web, the scheduler, history, a sandbox, the whole
+system locally."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ def scheduler() -> None:
     from workers.scheduler import run_forever
 
     run_forever(runtime())
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True,  # noqa: S104 - dyno port
+              help="address to listen on (the port is PORT)")
+def web(host: str) -> None:
+    """Run the web process: granian, WEB_CONCURRENCY workers, webhooks and /metrics."""
+    from ops.web import serve
+
+    serve(host)
 
 
 @main.command()

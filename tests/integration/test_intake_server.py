@@ -1,4 +1,5 @@
-"""Intake under real gunicorn, against a Redis server the test controls."""
+"""Intake under the real web process (``rilla-bridge web``), against a Redis server the test
+controls."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from werkzeug.test import Client
 
 from app import create_app
-from app.door import ShortBody, read_body
+from app.door import BodyTimeout, ShortBody, UnreadableBody, read_body
 from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_EVENTS
 from rilla_bridge.clock import FakeClock
@@ -323,7 +323,8 @@ class CountingStream(io.BytesIO):
         return chunk
 
 
-def _environ(stream: io.BytesIO, length: str | None, terminated: bool = False) -> dict[str, Any]:
+def _environ(stream: io.RawIOBase | io.BytesIO, length: str | None,
+             terminated: bool = False) -> dict[str, Any]:
     env: dict[str, Any] = {"wsgi.input": stream, "REQUEST_METHOD": "POST"}
     if length is not None:
         env["CONTENT_LENGTH"] = length
@@ -383,6 +384,88 @@ def test_body_shorter_than_content_length_is_400_and_stores_nothing(
     body = b"".join(app(environ, start_response))
     assert seen == ["400 BAD REQUEST"]
     assert "Content-Length" in json.loads(body)["error"]
+    assert_nothing_stored(fake_redis)
+
+
+# -- a body the server cannot hand over -----------------------------------------------------
+BODY_MARK = "RAW-BODY-CUSTOMER-Kaylah-Mills"
+
+
+class InvalidChunkSize(Exception):
+    """Like gunicorn's: its text quotes the raw bytes it choked on."""
+
+
+class BrokenStream(io.RawIOBase):
+    """A ``wsgi.input`` that fails the way a server's does on a malformed chunked body or a
+    client that hung up mid-body."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [InvalidChunkSize(f"Invalid chunk size: {BODY_MARK!r}"),
+                                 ConnectionResetError(104, f"reset after {BODY_MARK}"),
+                                 ValueError(BODY_MARK)])
+@pytest.mark.parametrize("length", [None, "300"])
+def test_read_body_turns_any_stream_error_into_unreadable_without_its_text(
+        exc: Exception, length: str | None) -> None:
+    with pytest.raises(UnreadableBody) as raised:
+        read_body(_environ(BrokenStream(exc), length, terminated=True), limit=1000)
+    assert raised.value.status == 400
+    assert BODY_MARK not in str(raised.value) and type(exc).__name__ in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
+def test_read_body_passes_a_deadline_on() -> None:
+    with pytest.raises(BodyTimeout) as raised:
+        read_body(_environ(BrokenStream(BodyTimeout("no body within 10 s")), "30"), limit=100)
+    assert raised.value.status == 408
+
+
+@pytest.mark.parametrize(("exc", "status"), [
+    (InvalidChunkSize(f"Invalid chunk size: {BODY_MARK!r}"), "400 BAD REQUEST"),
+    (ConnectionResetError(104, BODY_MARK), "400 BAD REQUEST"),
+    (BodyTimeout("body not received within 10 s"), "408 REQUEST TIMEOUT")])
+def test_unreadable_body_is_answered_quietly_and_never_logged(
+        app: Flask, fake_redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture,
+        sentry_transport: Any, exc: Exception, status: str) -> None:
+    """Issue 14: a malformed chunked body or a client gone mid-body got a 500, an ERROR
+    traceback and a Sentry event quoting the raw bytes. Now: 400 (408 past the deadline), the
+    connection closed, one request line, no error, no Sentry event, no body bytes anywhere."""
+    from rilla_bridge.observability import JsonFormatter, init_sentry
+
+    init_sentry("https://public@127.0.0.1:9/1", environment="test", component="web",
+                transport=sentry_transport)
+    caplog.set_level(logging.DEBUG)
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/webhooks/callrail/acme",
+               "QUERY_STRING": "", "HTTP_TRANSFER_ENCODING": "chunked",
+               "wsgi.input_terminated": True, "wsgi.input": BrokenStream(exc),
+               "HTTP_SIGNATURE": "x", "SERVER_NAME": "t", "SERVER_PORT": "80",
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+               "wsgi.errors": io.StringIO()}
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        seen.append((status, headers))
+
+    body = b"".join(app(environ, start_response))
+    [(line, headers)] = seen
+    assert line == status
+    assert ("Connection", "close") in headers
+    assert json.loads(body)["error"] and BODY_MARK.encode() not in body
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    [request] = [r for r in caplog.records if r.getMessage() == "request"]
+    assert request.status == int(status[:3])  # type: ignore[attr-defined]
+    text = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    assert BODY_MARK not in text and "Traceback" not in text
+    assert sentry_transport.events == []
     assert_nothing_stored(fake_redis)
 
 

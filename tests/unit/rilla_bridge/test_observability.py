@@ -205,3 +205,15 @@ def test_no_tracing_headers_go_to_third_parties(sentry_transport: CapturingTrans
         assert b"sentry-trace" not in sent and b"baggage" not in sent
         assert f"host: {host}".encode() in sent
         conn.close()
+
+
+@pytest.mark.parametrize("text", [
+    "POST /webhooks/callingly/acme?token=zzzz9999 HTTP/1.1",
+    "Invalid request line: '/webhooks/callingly/acme?event=x&TOKEN=zzzz9999\\x00 HTTP/1.1'",
+    "u?to\u212aen=zzzz9999",             # Kelvin sign: casefolds to k, as the regex matches
+])
+def test_redact_text_masks_url_tokens_whatever_a_server_quotes(text: str) -> None:
+    """A Callingly token sits in the webhook URL; a server's own error line may quote the
+    request line before any tenant secret is registered (issue 14)."""
+    out = redact_text(text)
+    assert "zzzz9999" not in out and out.count("=" + FILTERED) == 1
