@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import redis
 from prometheus_client import (
@@ -21,13 +22,18 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
 from rilla_bridge.clock import Clock, SystemClock
+from rilla_bridge.lifecycle import LATENCY_BUCKETS
 
 WEBHOOKS = Counter(
     "rilla_bridge_webhooks_total", "Webhook requests by source, tenant and reply code",
@@ -125,11 +131,45 @@ class RedisStateCollector(Collector):
             retrying.add_metric([t], r_live + r_bulk)
             paused_g.add_metric([t], 1 if t in paused_names else 0)
         yield from (oldest, undelivered, waiting, inflight, retrying, paused_g)
-        outcomes = CounterMetricFamily("rilla_bridge_outcomes", "Worker outcomes since start",
-                                       labels=["outcome"])
-        for name, value in sorted(stats.items()):
-            outcomes.add_metric([name.decode()], float(value))
-        yield outcomes
+        yield from worker_counters(stats)
+
+
+def worker_counters(stats: dict[Any, Any]) -> Iterator[Any]:
+    """The workers' counters in ``rb:stats`` (``lifecycle.stats_fields``) as Prometheus
+    families: outcomes and Rilla's answers by tenant, and Rilla's answer time per tenant."""
+    outcomes = CounterMetricFamily("rilla_bridge_outcomes",
+                                   "Worker outcomes (delivered, retry_scheduled, dead_lettered, "
+                                   "skipped, ...) by tenant", labels=["outcome", "tenant"])
+    answers = CounterMetricFamily("rilla_bridge_rilla_responses",
+                                  "Rilla's answers by status code ('none': no answer) and tenant",
+                                  labels=["code", "tenant"])
+    buckets: dict[str, dict[str, float]] = {}
+    sums: dict[str, float] = {}
+    for raw, value in sorted(stats.items()):
+        kind, _, rest = _text(raw).partition("|")
+        if kind == "outcome":
+            outcome, _, tenant = rest.partition("|")
+            outcomes.add_metric([outcome, tenant], float(value))
+        elif kind == "rilla":
+            code, _, tenant = rest.partition("|")
+            answers.add_metric([code, tenant], float(value))
+        elif kind == "latency":
+            le, _, tenant = rest.partition("|")
+            buckets.setdefault(tenant, {})[le] = float(value)
+        elif kind == "latency_sum":
+            sums[rest] = float(value)
+    yield outcomes
+    yield answers
+    latency = HistogramMetricFamily("rilla_bridge_rilla_seconds",
+                                    "Time Rilla took to answer a delivery, by tenant",
+                                    labels=["tenant"])
+    for tenant, counts in sorted(buckets.items()):
+        running, cumulative = 0.0, []
+        for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+            running += counts.get(le, 0.0)
+            cumulative.append((le, running))
+        latency.add_metric([tenant], cumulative, sums.get(tenant, 0.0))
+    yield latency
 
 
 def render(client: redis.Redis, tenants: Iterable[str] = ()) -> tuple[bytes, str]:

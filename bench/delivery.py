@@ -171,8 +171,8 @@ def run_ours(args: argparse.Namespace, latency_ms: int, steady: bool) -> dict[st
         out.update(_rates(sysm, accepted, t_start, t_done))
         raw: dict[bytes, bytes] = redis.Redis.from_url(args.redis).hgetall(  # type: ignore[assignment]
             "rb:stats")
-        stats = {k.decode(): int(v) for k, v in raw.items()}
-        out["rb_stats"] = stats
+        out["rb_stats"] = {k.decode().split("|")[1]: int(float(v)) for k, v in raw.items()
+                           if k.startswith(b"outcome|")}   # one tenant: outcome counts
         out["worker_rss_mb"] = [round(psutil.Process(p).memory_info().rss / 2**20, 1)
                                 for p in pids]
         if steady:

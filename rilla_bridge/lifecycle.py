@@ -90,6 +90,28 @@ def retry_delay(settings: Settings, attempts: int, retry_after: float | None) ->
     return float(delay)
 
 
+# Rilla's answer times (seconds), the buckets of rilla_bridge_rilla_seconds (app/metrics.py).
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def stats_fields(tenant: str, outcome: str, tl: list[dict[str, Any]]) -> dict[str, float]:
+    """The counters one settled run adds to ``rb:stats``, labelled by tenant: its outcome,
+    and for each attempt Rilla's status and answer time (a histogram, bucket by bucket).
+    Every worker process adds to the same hash, so /metrics is right across processes."""
+    out: dict[str, float] = {f"outcome|{outcome}|{tenant}": 1}
+    for e in tl:
+        if e.get("what") != "attempt":
+            continue
+        key = f"rilla|{e.get('status') or 'none'}|{tenant}"
+        out[key] = out.get(key, 0) + 1
+        seconds = float(e.get("ms") or 0) / 1000
+        le = next((str(b) for b in LATENCY_BUCKETS if seconds <= b), "+Inf")
+        for field, n in ((f"latency|{le}|{tenant}", 1), (f"latency_sum|{tenant}", seconds),
+                         (f"latency_count|{tenant}", 1)):
+            out[field] = out.get(field, 0) + n
+    return out
+
+
 def dedup_digest(source: str, tenant: str, body: bytes) -> str:
     """What identifies a repeated webhook: the body alone, per tenant and source (never the
     unsigned ``?event=`` parameter, which would let a captured body past detection)."""
@@ -245,7 +267,8 @@ class Lifecycle:
                   keys.call(call.tenant, call.source, call.call_id) if call else NONE_KEY,
                   keys.call_lock(call.tenant, call.source, call.call_id) if call else NONE_KEY,
                   *self.lanes.keys(tenant)],
-            args=[event["id"], ms(self.clock.now()), mode, outcome, records.encode(step),
+            args=[event["id"], ms(self.clock.now()), mode,
+                  json.dumps(stats_fields(tenant, outcome, step["tl"])), records.encode(step),
                   records.encode(dead) if dead else "", call.lock_token if call else "", head,
                   delivered, repr(due), json.dumps(dict(keep or {})), str(status or ""),
                   worker, *self.lanes.args(tenant)])

@@ -68,6 +68,15 @@ def _no_calls(_: list[CallWritten]) -> None:
     return None
 
 
+def consumer_name() -> str:
+    """A name that survives a restart of the same process: Heroku's ``DYNO`` (``history.1``)
+    or the host name (stable for a Docker service and a machine), so a restarted copy reads
+    the entries it held at once instead of waiting ``CLAIM_IDLE_MS`` to claim them. Two
+    copies on one host share the name: harmless, ``>`` still hands each different entries
+    and re-reading a pending batch writes nothing twice (the writer is idempotent)."""
+    return os.environ.get("DYNO") or socket.gethostname()
+
+
 class HistoryProcess:
     """The drain loop over ``client`` (Redis) and ``engine`` (SQL); tests drive ``step``."""
 
@@ -83,7 +92,7 @@ class HistoryProcess:
         self.tenants = tenants
         self.clock = clock
         self.on_calls_written = on_calls_written
-        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.consumer = consumer or consumer_name()
         self.batch_size = batch or settings.history_batch
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
@@ -376,7 +385,7 @@ def main() -> None:
     # The call states now in SQL leave Redis (a later event of the call reloads them).
     process = HistoryProcess(settings, client, db.make_engine(settings), tenants, clock,
                              on_calls_written=calls.forget,
-                             consumer=f"{socket.gethostname()}:{os.getpid()}")
+                             consumer=consumer_name())
     install_signals(process)
     process.run_forever()
 

@@ -4,7 +4,8 @@
 -- finished (its Redis record goes; history has it) or it waits for a retry.
 -- KEYS: 1 event hash, 2 history stream, 3 stats, 4 tenant's open zset, 5 live retry zset,
 --       6 bulk retry zset, 7 call hash, 8 call lock, 9.. the dispatch keys.
--- ARGV: 1 event id, 2 now ms, 3 mode (finish|retry), 4 outcome counter, 5 `step` record,
+-- ARGV: 1 event id, 2 now ms, 3 mode (finish|retry), 4 counters to add (JSON: field -> n,
+--       see lifecycle.stats_fields), 5 `step` record,
 --       6 `dead` record ('' none), 7 lock token ('' none), 8 call record head JSON ('' when
 --       the event did not touch a call), 9 fingerprint now delivered ('' none), 10 retry due
 --       (s), 11 fields to keep on the event for its next attempt (JSON object of strings),
@@ -36,7 +37,9 @@ if ARGV[8] ~= '' then record_call(KEYS[2], KEYS[7], ARGV[8]) end
 if ARGV[7] ~= '' and redis.call('HGET', KEYS[8], 'token') == ARGV[7] then
   redis.call('DEL', KEYS[8])
 end
-redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+for field, n in pairs(cjson.decode(ARGV[4])) do
+  redis.call('HINCRBYFLOAT', KEYS[3], field, n)
+end
 redis.call('ZREM', T.inflight, id)
 if ARGV[3] == 'finish' then
   redis.call('DEL', KEYS[1])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import redis
 from kombu.connection import Connection
 
+import workers.celery_app  # noqa: F401 - importing it installs the kombu patch under test
+
 
 def test_kombu_channel_reuses_one_sync_client_per_pool(real_redis: redis.Redis) -> None:
     url = "redis://{host}:{port}/{db}".format(**real_redis.connection_pool.connection_kwargs)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,9 +83,21 @@ def test_an_unreachable_database_then_the_right_one(
     broken.dispose()
 
 
-def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([str(BIN / "rilla-bridge"), "history"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+@pytest.fixture
+def start() -> Iterator[Callable[[dict[str, str]], subprocess.Popen[bytes]]]:
+    """Starts ``rilla-bridge history``; whatever a failed test left running is killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def run(env: dict[str, str]) -> subprocess.Popen[bytes]:
+        procs.append(subprocess.Popen([str(BIN / "rilla-bridge"), "history"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        return procs[-1]
+
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def stop(proc: subprocess.Popen[bytes]) -> tuple[float, int, str]:
@@ -102,7 +114,7 @@ def stop(proc: subprocess.Popen[bytes]) -> tuple[float, int, str]:
 
 def test_the_process_stops_on_sigterm_and_resumes_its_entries(
         real_redis: redis.Redis, redis_url: str, engine: Engine, database_url: str,
-        tmp_path: Path) -> None:
+        tmp_path: Path, start: Callable[[dict[str, str]], subprocess.Popen[bytes]]) -> None:
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(TENANTS)
     env = {**os.environ, "REDIS_URL": redis_url, "TENANTS_FILE": str(tenants),

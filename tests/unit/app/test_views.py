@@ -178,7 +178,11 @@ def test_metrics_show_the_system_state_from_redis(client: FlaskClient,
     fake_redis.lpush(QUEUE_CALLRAIL, "job-1", "job-2")
     fake_redis.zadd(keys.retry("acme"), {"ev_r": 1.0})
     fake_redis.zadd(keys.bulk_retry("acme"), {"ev_b": 1.0})
-    fake_redis.hset(keys.STATS, mapping={"delivered": 7, "dead_lettered": 2})
+    fake_redis.hset(keys.STATS, mapping={"outcome|delivered|acme": 7,
+                                         "outcome|dead_lettered|vector": 2,
+                                         "rilla|200|acme": 7, "rilla|none|vector": 2,
+                                         "latency|0.25|acme": 5, "latency|1.0|acme": 2,
+                                         "latency_sum|acme": 1.5, "latency_count|acme": 7})
     lines = _lines(metrics(client))
     assert f'rilla_bridge_queue_depth{{queue="{QUEUE_EVENTS}"}} 1.0' in lines
     assert f'rilla_bridge_queue_depth{{queue="{QUEUE_CALLRAIL}"}} 2.0' in lines
@@ -187,8 +191,17 @@ def test_metrics_show_the_system_state_from_redis(client: FlaskClient,
     assert 'rilla_bridge_retry_scheduled{tenant="acme"} 2.0' in lines
     assert 'rilla_bridge_oldest_undelivered_seconds{tenant="vector"} 0.0' in lines
     assert not any(line.startswith("rilla_bridge_dead_letters") for line in lines)  # in SQL
-    assert 'rilla_bridge_outcomes_total{outcome="delivered"} 7.0' in lines
-    assert 'rilla_bridge_outcomes_total{outcome="dead_lettered"} 2.0' in lines
+    assert 'rilla_bridge_outcomes_total{outcome="delivered",tenant="acme"} 7.0' in lines
+    assert 'rilla_bridge_outcomes_total{outcome="dead_lettered",tenant="vector"} 2.0' in lines
+    assert 'rilla_bridge_rilla_responses_total{code="200",tenant="acme"} 7.0' in lines
+    assert 'rilla_bridge_rilla_responses_total{code="none",tenant="vector"} 2.0' in lines
+    # the histogram is cumulative, bucket by bucket, with the tenant's sum and count
+    assert 'rilla_bridge_rilla_seconds_bucket{le="0.25",tenant="acme"} 5.0' in lines
+    assert 'rilla_bridge_rilla_seconds_bucket{le="0.5",tenant="acme"} 5.0' in lines
+    assert 'rilla_bridge_rilla_seconds_bucket{le="1.0",tenant="acme"} 7.0' in lines
+    assert 'rilla_bridge_rilla_seconds_bucket{le="+Inf",tenant="acme"} 7.0' in lines
+    assert 'rilla_bridge_rilla_seconds_count{tenant="acme"} 7.0' in lines
+    assert 'rilla_bridge_rilla_seconds_sum{tenant="acme"} 1.5' in lines
     assert any(line.startswith("rilla_bridge_webhooks_total{") for line in lines)
 
 
@@ -285,7 +298,7 @@ def test_the_oldest_undelivered_age_counts_queued_in_flight_and_retrying_events(
     assert oldest(g, "vector") == 0.0
     assert g[("rilla_bridge_undelivered_events", ("vector",))] == 0
     assert g[("rilla_bridge_in_flight", ("vector",))] == 0
-    assert g[("rilla_bridge_outcomes_total", ("delivered",))] == 2
+    assert g[("rilla_bridge_outcomes_total", ("delivered", "vector"))] == 2
 
 
 def test_a_lapsed_lease_is_not_counted_in_flight(fake_redis: fakeredis.FakeRedis,

@@ -101,8 +101,20 @@ def whats(lc: Lifecycle, eid: str) -> list[str]:
 
 
 def stats(lc: Lifecycle) -> dict[str, int]:
+    """The outcome counters in ``rb:stats`` (all for tenant acme here), by outcome."""
+    out: dict[str, int] = {}
+    for k, v in all_stats(lc).items():
+        kind, _, rest = k.partition("|")
+        if kind == "outcome":
+            outcome, tenant = rest.split("|")
+            assert tenant == "acme"
+            out[outcome] = int(v)
+    return out
+
+
+def all_stats(lc: Lifecycle) -> dict[str, float]:
     raw: dict[bytes, bytes] = lc.redis.hgetall(keys.STATS)  # type: ignore[assignment]
-    return {k.decode(): int(v) for k, v in raw.items()}
+    return {k.decode(): float(v) for k, v in raw.items()}
 
 
 def queued(lc: Lifecycle) -> list[list[Any]]:
@@ -320,7 +332,7 @@ def test_finish_removes_the_event_and_writes_its_history(lc: Lifecycle,
     event = claimed(lc, eid)
     clock.advance(1.5)
     out = lc.finish(event, Status.DELIVERED, Outcome.DELIVERED,
-                    [lc.entry("attempt", n=1, status=200), lc.entry("delivered")],
+                    [lc.entry("attempt", n=1, status=200, ms=300), lc.entry("delivered")],
                     worker="w1", fields={"attempts": 1, "last_status": 200})
     assert out == Outcome.DELIVERED
     assert not lc.redis.exists(keys.event(eid))
@@ -329,9 +341,13 @@ def test_finish_removes_the_event_and_writes_its_history(lc: Lifecycle,
     now = clock.now()
     assert step == {"id": eid, "at": now, "status": "delivered",
                     "set": {"attempts": 1, "last_status": 200, "finished_at": now},
-                    "tl": [{"t": now, "what": "attempt", "n": 1, "status": 200},
+                    "tl": [{"t": now, "what": "attempt", "n": 1, "status": 200, "ms": 300},
                            {"t": now, "what": "delivered"}]}
     assert stats(lc) == {Outcome.DELIVERED: 1}
+    # per tenant: Rilla's answer and its time, in the 0.5 s bucket of the histogram
+    assert all_stats(lc) == {"outcome|delivered|acme": 1, "rilla|200|acme": 1,
+                             "latency|0.5|acme": 1, "latency_sum|acme": 0.3,
+                             "latency_count|acme": 1}
     assert recs(lc, "call") == [] and recs(lc, "dead") == []
 
 

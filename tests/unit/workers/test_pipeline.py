@@ -164,8 +164,15 @@ def retry_due(rt: Runtime, eid: str, tenant: str = "acme") -> float:
 
 
 def stats(rt: Runtime) -> dict[str, int]:
+    """The outcome counters in ``rb:stats``, by outcome (summed over tenants)."""
     raw: dict[bytes, bytes] = rt.redis.hgetall(keys.STATS)  # type: ignore[assignment]
-    return {k.decode(): int(v) for k, v in raw.items()}
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        kind, _, rest = k.decode().partition("|")
+        if kind == "outcome":
+            outcome = rest.split("|")[0]
+            out[outcome] = out.get(outcome, 0) + int(float(v))
+    return out
 
 
 def on_first_upsert(monkeypatch: pytest.MonkeyPatch, rt: Runtime,
