@@ -76,6 +76,17 @@ def make_app(state: SandboxState) -> Flask:
         return Response(exc.body, exc.status, mimetype="text/plain")
 
     @app.before_request
+    def _begin() -> None:
+        if not request.path.startswith(CONTROL_PREFIX):
+            g.counted = True
+            state.begin()
+
+    @app.teardown_request
+    def _end(_: BaseException | None) -> None:
+        if g.pop("counted", False):
+            state.end()
+
+    @app.before_request
     def _faults_and_latency() -> Response | None:
         if request.path.startswith(CONTROL_PREFIX):
             return None
