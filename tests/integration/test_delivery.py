@@ -562,3 +562,41 @@ def test_worker_killed_after_rilla_answered_before_history(systems: Callable[...
     counts = _upserts(s)
     assert len(counts) == n and max(counts.values()) <= 2   # sent again once at most
     assert duplicate_rows(s) == {"timeline": 0, "events": 0, "calls": 0}
+
+
+# -- i) a full Redis ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_workers_ride_out_a_full_redis_and_resume_by_themselves(
+        systems: Callable[..., System], own_redis: RedisServer) -> None:
+    s = systems()
+    _everything(s, latency_ms=200, concurrency=10)
+    n = 150
+    accepted = [post_ok(s, "acme", call_body(i)) for i in range(n)]
+    until(lambda: len(appointments(s)) >= 10, 30, "deliveries under way")
+    client = redis.Redis.from_url(s.redis_url)
+    chunk = b"x" * 100_000
+    for i in range(40):                 # 4 MB of filler, then a limit under what is used:
+        client.set(f"filler:{i}", chunk)   # Redis (noeviction) refuses every write now
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", str(used - 2_000_000))
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")
+    worker_pid = s.procs["worker"].pid
+    assert requests.get(f"{s.web}/readyz", timeout=5).status_code == 503
+    full_at = len(appointments(s))
+    time.sleep(8)                 # a while of refused writes (settles, acks, intake)
+    assert s.procs["worker"].poll() is None, s.log("worker")[-3000:]
+    assert s.post_callrail("acme", call_body(n + 1)).status_code == 503
+    for key in client.scan_iter("filler:*"):     # memory frees (DEL works when full)
+        client.delete(key)
+    client.config_set("maxmemory", "0")
+    assert requests.get(f"{s.web}/readyz", timeout=5).status_code == 200
+    until(lambda: all(s.history.status(e) == "delivered" for e in accepted), 120,
+          "every accepted event delivered without a restart")
+    assert s.procs["worker"].pid == worker_pid and s.procs["worker"].poll() is None
+    log = s.log("worker")
+    print(f"\nfull Redis: {full_at} of {n} delivered when it filled; the rest after, by the "
+          f"same worker ({log.count('maxmemory')} log lines about it)")
+    assert "Unrecoverable error" not in log
+    client.close()
