@@ -37,12 +37,12 @@ from bench.common import (
     rerun_command,
     table,
     teardown,
+    throwaway_postgres,
     write_results,
 )
 from bench.delivery import Poster, pct
 from tests.system import System
 
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TABLES = ("events", "timeline", "calls", "dead_letters", "audit_log")
 
 
@@ -74,11 +74,11 @@ class HistoryWatch:
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     flush(args.redis)
     client = redis.Redis.from_url(args.redis)
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"rb_bench_{secrets.token_hex(4)}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    with throwaway_postgres() as url:
+        return _measure(args, client, url)
+
+
+def _measure(args: argparse.Namespace, client: redis.Redis, url: str) -> dict[str, Any]:
     sysm = System(redis_url=args.redis, database_url=url)
     watch = HistoryWatch(url)
     try:
@@ -144,9 +144,6 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         watch.stop.set()
         watch.engine.dispose()
         teardown(sysm, args.redis)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def main() -> None:
