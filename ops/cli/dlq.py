@@ -23,6 +23,8 @@ from rilla_bridge.observability import redact_text
 from rilla_bridge.operations import BulkResult, Operations
 from rilla_bridge.settings import Settings
 
+WORKER_PROCESSES = ("worker", "callrail")
+
 
 @main.group()
 def dlq() -> None:
@@ -181,17 +183,50 @@ def _operations(settings: Settings) -> Operations:
 @click.option("--all", "all_", is_flag=True, help="every dead letter matching the filters")
 @_selectors
 @click.option("--dry-run", is_flag=True, help="only list what would be replayed")
+@click.option("--yes", "--force", "yes", is_flag=True,
+              help="replay even while a worker runs another tenants configuration")
 def dlq_replay(ids: tuple[str, ...], all_: bool, tenant: str | None, source: str | None,
-               reason: str | None, dry_run: bool) -> None:
+               reason: str | None, dry_run: bool, yes: bool) -> None:
     """Re-run dead letters from their raw events through the normal pipeline (the tenants
-    file as it is now applies), paced through each tenant's bulk lane."""
+    file as it is now applies), paced through each tenant's bulk lane. Warns first (and
+    asks, unless --yes) while any worker still runs an older tenants configuration."""
     settings = common.settings()
     common.register_tenant_secrets(settings)
     rows = select_from_history(settings, ids, all_, DeadLetterFilter(tenant, source, reason))
+    if rows and not dry_run:
+        _check_worker_versions(settings, yes)
     ops = _operations(settings) if not dry_run else None
     _bulk("replay", rows, dry_run,
           lambda chosen, progress: ops.replay(chosen, common.actor(), progress=progress)
           if ops else BulkResult())
+
+
+def _check_worker_versions(settings: Settings, yes: bool) -> None:
+    """A replay runs in the workers with the configuration they hold: one still on an older
+    tenants file would dead-letter the events again. Say so, and ask."""
+    version = common.tenants_config(settings).version
+    rows = common.running_versions(settings, SystemClock().now())
+    if rows is None:
+        return   # Redis does not answer: the replay itself will say so
+    workers = [r for r in rows if r["process"] in WORKER_PROCESSES]
+    old = [r for r in workers if r["version"] != version]
+    if not workers:
+        click.echo("warning: no worker has reported its tenants configuration in the last "
+                   "30 s; the replayed events wait until one runs", err=True)
+        return
+    if not old:
+        return
+    click.echo(f"warning: {len(old)} of {len(workers)} worker(s) still run another tenants "
+               f"configuration than this one ({version}); they would replay with it:", err=True)
+    for r in old:
+        why = (f" (refused {r['refused_version']}: {r.get('refused_reason', '')})"
+               if r.get("refused_version") else "")
+        click.echo(f"  {r['process']} {r['host']}:{r['pid']} runs {r['version']}{why}",
+                   err=True)
+    click.echo("  they pick up a changed file within seconds (TENANTS_TOML: restart them); "
+               "see `rilla-bridge tenants check`", err=True)
+    if not yes and not click.confirm("replay anyway?", default=False, err=True):
+        raise click.ClickException("replay not started (use --yes to replay anyway)")
 
 
 @dlq.command("delete")
