@@ -97,3 +97,58 @@ class Operations:
         done = self.lifecycle.delete_dead_letters(ids, actor)
         self.lifecycle.audit(actor, "dlq.delete", {"ids": ids[:100], "count": len(ids)}, done)
         return BulkResult(done=done)
+
+    # -- waiting retries ---------------------------------------------------------------------
+    def retries(self, tenant: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events waiting in a retry set, soonest due first: id, tenant, lane (live/bulk),
+        due_at, attempts, kind, source, last status."""
+        sets = [(t, lane, key) for t in self._tenants(tenant)
+                for lane, key in (("live", keys.retry(t)), ("bulk", keys.bulk_retry(t)))]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _, _, key in sets:
+                pipe.zrange(key, 0, limit - 1, withscores=True)
+            replies = pipe.execute()
+        rows: list[dict[str, Any]] = [
+            {"id": _text(eid), "tenant": t, "lane": lane, "due_at": float(due)}
+            for (t, lane, _), got in zip(sets, replies, strict=True) for eid, due in got]
+        rows.sort(key=lambda r: float(r["due_at"]))
+        rows = rows[:limit]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for r in rows:
+                pipe.hmget(keys.event(r["id"]), "attempts", "kind", "source", "status")
+            details = pipe.execute()
+        for r, (attempts, kind, source, status) in zip(rows, details, strict=True):
+            r.update(attempts=int(attempts or 0), kind=_text(kind or b""),
+                     source=_text(source or b""), status=_text(status or b""))
+        return rows
+
+    def retry_now(self, actor: str, tenant: str | None = None, *, rate: float | None = None,
+                  progress: Callable[[int], None] | None = None) -> BulkResult:
+        """Every waiting retry (of ``tenant``, or all) goes back to the head of its lane now,
+        at most ``rate`` a second (default BULK_RATE_PER_SECOND), so a Rilla that just came
+        back is not hit by the whole backlog at once; the lanes' slots and turns pace the
+        rest. Audit-logged."""
+        rate = rate or self.settings.bulk_rate_per_second
+        out = BulkResult()
+        waiting = self.retries(tenant, limit=1_000_000)
+        started = self.clock.now()
+        for n, r in enumerate(waiting, 1):
+            ahead = started + (n - 1) / rate - self.clock.now()
+            if ahead > 0:
+                self.clock.sleep(ahead)
+            if self.lifecycle.requeue(r["id"], r["tenant"], f"retry now ({actor})"):
+                out.done += 1
+            else:
+                out.left.append((r["id"], "no longer waiting (ran or finished meanwhile)"))
+            if progress:
+                progress(n)
+        self.lifecycle.audit(actor, "retries.now", {"tenant": tenant, "count": len(waiting)},
+                             out.done)
+        return out
+
+    def _tenants(self, tenant: str | None) -> list[str]:
+        return [tenant] if tenant else self.lifecycle.lanes.all_tenants()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

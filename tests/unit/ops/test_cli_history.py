@@ -106,7 +106,31 @@ def test_events_show_json(env: dict[str, str], seeded: dict[str, str]) -> None:
 
 def test_events_show_of_an_unknown_event_names_the_database(env: dict[str, str]) -> None:
     missing = cli(env, "events", "show", "ev_nope", ok=False)
-    assert "no event ev_nope in sqlite:///" in missing.output
+    assert "no event ev_nope in the history database sqlite:///" in missing.output
+    assert "Redis at redis://127.0.0.1:1/0 did not answer" in missing.output
+
+
+def test_events_show_says_where_it_looked(env: dict[str, str], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the wrong Redis/database an operator must see which ones were searched."""
+    import fakeredis
+
+    from ops.cli import common
+    from rilla_bridge import keys
+
+    fake = fakeredis.FakeRedis()
+    monkeypatch.setattr(common, "client", lambda settings: fake)
+    env = {**env, "REDIS_URL": "redis://:s3cret-redis-pass@10.0.0.7:6380/4"}
+    out = cli(env, "events", "show", "ev_nope", ok=False).output
+    assert "looked in the history database sqlite:///" in out
+    assert "and in Redis at redis://:***@10.0.0.7:6380/4" in out
+    assert "s3cret-redis-pass" not in out
+    # In progress, history not written yet: say so instead of "no event".
+    fake.hset(keys.event("ev_live"), mapping={"tenant": "acme", "status": "retry_scheduled",
+                                               "attempts": "2"})
+    out = cli(env, "events", "show", "ev_live", ok=False).output
+    assert "not in the history database sqlite:///" in out
+    assert "in progress in Redis at redis://:***@10.0.0.7:6380/4: status retry_scheduled" in out
 
 
 def test_events_list(env: dict[str, str], seeded: dict[str, str]) -> None:

@@ -1,0 +1,68 @@
+"""No command ends in a traceback for a known failure (``ops.cli._Main``): a configuration
+error, Redis or the history database not answering is one line and exit status 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ops.cli import callrail, main
+from rilla_bridge.settings import ConfigError
+
+TENANTS = """
+[tenants.demo]
+rilla_api_key = "demo-rilla-key-0001"
+[tenants.demo.callrail]
+signing_key = "072e77e426f92738a72fe23c4d1953b4"
+account_id = "227799611"
+api_key = "demo-callrail-api-key-0001"
+"""
+
+
+@pytest.fixture
+def tenants(tmp_path: Path) -> str:
+    path = tmp_path / "tenants.toml"
+    path.write_text(TENANTS)
+    return str(path)
+
+
+def _one_line_error(result: object, *fragments: str) -> str:
+    out = result.output  # type: ignore[attr-defined]
+    assert result.exit_code == 1, out  # type: ignore[attr-defined]
+    assert isinstance(result.exception, SystemExit), result.exception  # type: ignore[attr-defined]
+    assert "Traceback" not in out
+    (line,) = out.strip().splitlines()[-1:]
+    assert line.startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in line
+    return line
+
+
+def test_backfill_with_redis_down_is_one_line(tenants: str) -> None:
+    result = CliRunner().invoke(main, ["backfill", "--tenant", "demo", "--since", "2026-11-20",
+                                       "--yes"],
+                                env={"TENANTS_FILE": tenants,
+                                     "REDIS_URL": "redis://:pa55word-redis-x@127.0.0.1:1/3"})
+    line = _one_line_error(result, "Redis at redis://:***@127.0.0.1:1/3 (REDIS_URL)",
+                           "ConnectionError")
+    assert "pa55word" not in result.output and line
+
+
+def test_a_config_error_deep_in_a_command_is_one_line(
+        tenants: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise ConfigError("CALLRAIL_HOURLY_LIMIT must be an integer, got 'x'")
+
+    monkeypatch.setattr(callrail.common, "guard", broken)
+    result = CliRunner().invoke(main, ["quota"], env={"TENANTS_FILE": tenants})
+    _one_line_error(result, "configuration: CALLRAIL_HOURLY_LIMIT must be an integer")
+
+
+def test_the_history_database_down_is_one_line(tenants: str) -> None:
+    result = CliRunner().invoke(main, ["db", "upgrade"], env={
+        "TENANTS_FILE": tenants,
+        "DATABASE_URL": "postgresql://ops:db-pa55word-x@127.0.0.1:1/rb"})
+    _one_line_error(result, "127.0.0.1:1")
+    assert "db-pa55word-x" not in result.output
