@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
-from ops.cli import callrail, main
+from ops.cli import common, main
 from rilla_bridge.settings import ConfigError
 
 TENANTS = """
@@ -28,12 +28,12 @@ def tenants(tmp_path: Path) -> str:
     return str(path)
 
 
-def _one_line_error(result: object, *fragments: str) -> str:
-    out = result.output  # type: ignore[attr-defined]
-    assert result.exit_code == 1, out  # type: ignore[attr-defined]
-    assert isinstance(result.exception, SystemExit), result.exception  # type: ignore[attr-defined]
+def _one_line_error(result: Result, *fragments: str) -> str:
+    out = result.output
+    assert result.exit_code == 1, out
+    assert isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in out
-    (line,) = out.strip().splitlines()[-1:]
+    line = str(out.strip().splitlines()[-1])
     assert line.startswith("Error: ")
     for fragment in fragments:
         assert fragment in line
@@ -55,7 +55,7 @@ def test_a_config_error_deep_in_a_command_is_one_line(
     def broken(*_: object) -> None:
         raise ConfigError("CALLRAIL_HOURLY_LIMIT must be an integer, got 'x'")
 
-    monkeypatch.setattr(callrail.common, "guard", broken)
+    monkeypatch.setattr(common, "guard", broken)
     result = CliRunner().invoke(main, ["quota"], env={"TENANTS_FILE": tenants})
     _one_line_error(result, "configuration: CALLRAIL_HOURLY_LIMIT must be an integer")
 
