@@ -91,6 +91,27 @@ class Operations:
         while self.redis.llen(keys.bulk_lane(tenant)) >= ahead:
             time.sleep(0.2)
 
+    def outcome(self, event_id: str, since: float) -> tuple[str, str]:
+        """Where an event run again at ``since`` stands: ``pending`` (in progress, or history
+        not written yet), ``delivered``, ``skipped`` or ``dead`` (failed again), with the
+        reason."""
+        if self.redis.exists(keys.event(event_id)):
+            return "pending", ""
+        with reading(self.engine, 10.0) as conn:
+            found = queries.event(conn, event_id)
+        if found is None:
+            return "pending", ""
+        status = str(found["event"].get("status") or "")
+        reason = str(found["event"].get("reason") or "")
+        if status in ("delivered", "skipped"):
+            return status, reason
+        again = [d for d in found.get("dead_letters") or []
+                 if d.get("handled_at") is None and float(d.get("failed_at") or 0) >= since]
+        if again:
+            d = again[-1]
+            return "dead", f"{d.get('reason_code')}: {d.get('reason')}"
+        return "pending", ""
+
     def delete(self, event_ids: Iterable[str], actor: str) -> BulkResult:
         """Close dead letters without running them (history keeps the events)."""
         ids = list(event_ids)

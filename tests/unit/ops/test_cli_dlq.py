@@ -295,3 +295,33 @@ def test_replay_does_not_ask_when_every_worker_runs_this_file(
     _worker_running(TENANTS, fake_redis, clock, tmp_path)
     result = cli(env, "dlq", "replay", letters["rejected"])
     assert "warning" not in result.output and "replayed 1 of 1" in result.output
+
+
+def test_replay_wait_follows_to_the_outcomes(env: dict[str, str], letters: dict[str, str],
+                                             fake_redis: redis.Redis, clock: FakeClock,
+                                             history: HistoryProcess, rt: Runtime,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--wait``: the workers run the replayed events (here: while the command sleeps), and
+    the command lists how each ended; one died again (its start time is still unusable), so
+    the exit status is 1."""
+    def working_sleep(seconds: float) -> None:
+        clock.advance(seconds)
+        while queued(fake_redis):
+            eid = take(fake_redis)
+            event = rt.store.get(eid)
+            assert event is not None
+            process_event(rt, eid, event["tenant"])
+        drain(history)
+
+    monkeypatch.setattr(clock, "sleep", working_sleep)
+    _worker_running(TENANTS, fake_redis, clock, Path(env["TENANTS_FILE"]).parent)
+    fixed, broken = letters["rejected"], letters["start"]
+    result = CliRunner().invoke(main, ["dlq", "replay", fixed, broken, "--wait"], env=env)
+    assert result.exit_code == 1, result.output
+    assert "replayed 2 of 2 dead letter(s)" in result.output
+    assert "finished 2 of 2" in result.output            # plain progress: not a terminal
+    assert f"{broken}: dead again: transform: no usable start time" in result.output
+    assert fixed + ":" not in result.output               # delivered ones are only counted
+    assert result.output.strip().endswith("outcomes: 1 delivered, 1 dead again, 0 skipped")
+    for secret in SECRETS:
+        assert secret not in result.output

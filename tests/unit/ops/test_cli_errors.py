@@ -66,3 +66,33 @@ def test_the_history_database_down_is_one_line(tenants: str) -> None:
         "DATABASE_URL": "postgresql://ops:db-pa55word-x@127.0.0.1:1/rb"})
     _one_line_error(result, "127.0.0.1:1")
     assert "db-pa55word-x" not in result.output
+
+
+def test_quota_prints_a_table(tenants: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fakeredis
+
+    from rilla_bridge.clock import FakeClock
+    from rilla_bridge.quota import QuotaGuard
+    from rilla_bridge.scripts import Scripts
+    from rilla_bridge.settings import Settings
+
+    fake = fakeredis.FakeRedis()
+    clock = FakeClock()
+    guard = QuotaGuard.from_settings(Settings(), fake, Scripts(fake), clock)
+    for i in range(3):
+        guard.submit("227799611", "live", {"n": i})
+    guard.submit("227799611", "backfill", {"n": 9})
+    assert len(guard.take("227799611", 2)) == 2
+    monkeypatch.setattr(common, "client", lambda settings: fake)
+    monkeypatch.setattr(common, "guard", lambda settings, client: guard)
+    result = CliRunner().invoke(main, ["quota"], env={"TENANTS_FILE": tenants})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == ("CallRail account 227799611: not paused; limits 1000/hour, "
+                        "10000/day")
+    assert lines[1].split() == ["LANE", "HOUR", "USED", "HOUR", "LEFT", "DAY", "USED", "DAY",
+                                "LEFT", "WAITING"]
+    assert lines[2].split() == ["live", "2", "998", "2", "9998", "1"]
+    assert lines[3].split()[0] == "backfill" and lines[3].split()[-1] == "1"
+    assert lines[-1].split() == ["total", "2", "998", "2", "9998", "2"]
+    assert "{" not in result.output     # not Python dicts
