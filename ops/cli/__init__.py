@@ -80,8 +80,10 @@ from ops.cli import (  # noqa: E402  (they register)
     dlq,
     events,
     processes,
+    purge,
     retries,
     tenants,
 )
 
-__all__ = ["callrail", "db", "dlq", "events", "main", "processes", "retries", "tenants"]
+__all__ = ["callrail", "db", "dlq", "events", "main", "processes", "purge", "retries",
+           "tenants"]
