@@ -84,7 +84,7 @@ def test_a_changed_file_reaches_every_process_and_a_bad_one_is_refused(
     took = _wait_all(client, version_of(good), timeout=30)
     assert took < 30
     deadline = time.monotonic() + 10    # every web worker process: try a few requests
-    codes = []
+    codes: list[int] = []
     while time.monotonic() < deadline and len(codes) < 6:
         codes.append(system.post_callrail("gamma", {"resource_id": f"CALg{len(codes)}"},
                                           key=GAMMA_KEY).status_code)
