@@ -7,6 +7,7 @@ Flask serves the other views (``app.views``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response
@@ -20,21 +21,26 @@ from rilla_bridge.lifecycle import make_lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
 from rilla_bridge.redis_conn import make_redis, single_connection, warn_unless_noeviction
 from rilla_bridge.settings import Settings
-from rilla_bridge.tenants import Tenant, load_tenants
+from rilla_bridge.tenant_config import TenantsReloader, live_tenants
+from rilla_bridge.tenants import Tenant
 
 log = logging.getLogger("rilla_bridge.web")
 
 
 def create_app(
     settings: Settings | None = None,
-    tenants: dict[str, Tenant] | None = None,
+    tenants: Mapping[str, Tenant] | None = None,
     redis_client: Any = None,
     clock: Clock | None = None,
 ) -> Flask:
-    """The web app. Tests pass settings, tenants, a (fake) Redis client and a clock."""
+    """The web app. Tests pass settings, tenants, a (fake) Redis client and a clock. Without
+    ``tenants`` the configuration is the settings' (TENANTS_TOML or TENANTS_FILE), and a
+    changed tenants file is picked up without a restart (``rilla_bridge.tenant_config``)."""
     settings = settings or Settings.from_env()
-    tenants = load_tenants(settings.tenants_file) if tenants is None else tenants
     setup_logging()
+    live = live_tenants(settings) if tenants is None else None
+    tenants = live if live is not None else tenants
+    assert tenants is not None
     register_secrets(s for t in tenants.values() for s in t.secrets())
     init_sentry(settings.sentry_dsn, environment=settings.environment, component="web")
     client = redis_client if redis_client is not None else make_redis(settings)
@@ -56,6 +62,9 @@ def create_app(
     app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
     intake = Intake(tenants, lifecycle, settings)
+    if live is not None:
+        TenantsReloader(settings, live, clock or SystemClock(), client=client,
+                        process="web").start()
     app.wsgi_app = FrontDoor(  # type: ignore[method-assign]
         app.wsgi_app, intake, settings.max_body_bytes)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,7 @@ def error_body(message: str) -> bytes:
 class Intake:
     """Answers webhook requests for the tenants it was given, storing through ``lifecycle``."""
 
-    def __init__(self, tenants: dict[str, Tenant], lifecycle: Lifecycle,
+    def __init__(self, tenants: Mapping[str, Tenant], lifecycle: Lifecycle,
                  settings: Settings) -> None:
         self.tenants = tenants
         self.lifecycle = lifecycle

@@ -33,6 +33,8 @@ Shared:
 - ``rb:run:{id}``            hash: progress of one reconciliation or backfill run
 - ``rb:recon:{tenant}``      lease: the tenant's last reconciliation start
 - ``rb:sched:{job}``         lease: which scheduler copy runs a periodic job this tick
+- ``rb:config:processes``    hash: process@host:pid -> the tenants configuration version it
+                             runs, stamped (``rilla_bridge.tenant_config``)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ HISTORY_GROUP = "history"
 STATS = "rb:stats"
 READY_PROBE = "rb:readyz"
 QUOTA_PREFIX = "rb:cr"
+CONFIG_PROCESSES = "rb:config:processes"
 
 
 def event(event_id: str) -> str:

@@ -90,6 +90,9 @@ class Settings:
     rilla_base_url: str = "https://api.apirilla.com"
     callrail_base_url: str = "https://api.callrail.com"
     tenants_file: str = "tenants.toml"
+    # TENANTS_TOML: the tenants file's content itself (wins over TENANTS_FILE); never printed.
+    tenants_toml: str = field(default="", repr=False)
+    tenants_file_set: bool = False   # TENANTS_FILE given explicitly (not the default)
     admin_token: str = ""
     sentry_dsn: str = ""
     port: int = 8000
@@ -163,6 +166,8 @@ class Settings:
             rilla_base_url=_str(e, "RILLA_BASE_URL", cls.rilla_base_url).rstrip("/"),
             callrail_base_url=_str(e, "CALLRAIL_BASE_URL", cls.callrail_base_url).rstrip("/"),
             tenants_file=_str(e, "TENANTS_FILE", cls.tenants_file),
+            tenants_toml=e.get("TENANTS_TOML", ""),
+            tenants_file_set=bool(e.get("TENANTS_FILE", "").strip()),
             admin_token=e.get("ADMIN_TOKEN", ""),
             sentry_dsn=e.get("SENTRY_DSN", "").strip(),
             port=_int(e, "PORT", cls.port),

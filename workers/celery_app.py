@@ -113,4 +113,27 @@ def _reuse_sync_redis_clients() -> None:
 _reuse_sync_redis_clients()
 
 
+def worker_kind(queues: Any) -> str:
+    """``callrail`` for a worker consuming only the callrail queue, else ``worker``."""
+    names = {getattr(q, "name", str(q)) for q in queues}
+    return "callrail" if names == {QUEUE_CALLRAIL} else "worker"
+
+
+@signals.worker_ready.connect
+def _watch_config(sender: Any = None, **_: Any) -> None:
+    """Load the tenants at start (not at the first task) and keep them reloaded."""
+    from workers.runtime import watch_config
+
+    queues = sender.app.amqp.queues.consume_from.values() if sender is not None else ()
+    watch_config(worker_kind(queues))
+
+
+@signals.worker_shutdown.connect
+def _forget_config(**_: Any) -> None:
+    from workers import runtime
+
+    if runtime._watcher is not None:
+        runtime._watcher.forget()
+
+
 app = make_celery()

@@ -13,10 +13,14 @@ def scheduler() -> None:
     """Run the scheduler (due retries, lost-work sweep, CallRail dispatch, reconciliation)."""
     # Imported here, as in the commands below: only the command that runs a process loads
     # what that process needs (workers, gevent, a sandbox).
-    from workers.runtime import runtime
+    from workers.runtime import runtime, watch_config
     from workers.scheduler import run_forever
 
-    run_forever(runtime())
+    rt = runtime()
+    watcher = watch_config("scheduler")
+    run_forever(rt)
+    if watcher:
+        watcher.forget()
 
 
 @main.command()

@@ -810,3 +810,57 @@ def test_fuzz_random_signatures_are_refused(body: bytes, signature: str) -> None
         assert redis_client.keys("rb:*") == []
     finally:
         redis_client.close()
+
+
+# -- a signing key or token being rotated: either of two verifies at the door -----------------
+
+OLD_KEY, NEW_KEY = "rot-old-signing-key-01", "rot-new-signing-key-02"
+OLD_TOKEN, NEW_TOKEN = "rot-old-callingly-tok-1", "rot-new-callingly-tok-2"
+ROTATING = f"""
+[tenants.rot]
+rilla_api_key = "rot-rilla-key-00000001"
+[tenants.rot.callrail]
+signing_key = ["{OLD_KEY}", "{NEW_KEY}"]
+[tenants.rot.callingly]
+webhook_token = ["{OLD_TOKEN}", "{NEW_TOKEN}"]
+"""
+
+
+def test_both_keys_and_both_tokens_of_a_rotation_verify_at_the_door(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    app = create_app(settings=Settings(), tenants=parse_tenants(ROTATING, env={}),
+                     redis_client=fake_redis, clock=clock)
+    with app.test_client() as c:
+        for n, key in enumerate((OLD_KEY, NEW_KEY)):
+            r = post_callrail(c, {**POST_CALL, "resource_id": f"CALrot{n}"}, tenant="rot",
+                              key=key)
+            assert r.status_code == 202, r.get_data(as_text=True)
+        assert_error(post_callrail(c, {**POST_CALL, "resource_id": "CALrot9"}, tenant="rot",
+                                   key="rot-other-signing-key-3"), 401)
+        body = json.loads(CALL_COMPLETED)
+        for n, token in enumerate((OLD_TOKEN, NEW_TOKEN)):
+            r = post_callingly(c, {**body, "id": 900 + n}, tenant="rot", token=token)
+            assert r.status_code == 202, r.get_data(as_text=True)
+        assert_error(post_callingly(c, {**body, "id": 909}, tenant="rot",
+                                    token="rot-other-callingly-t3"), 401)
+
+
+def test_a_reloaded_tenants_file_takes_effect_at_the_door(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock, tmp_path: Any) -> None:
+    """The rotation done live: the file gains the new key, the web reloads it (no restart);
+    the old key keeps verifying, and a tenant added to the file is served."""
+    from rilla_bridge.tenant_config import LiveTenants, TenantsReloader, load_config
+
+    path = tmp_path / "tenants.toml"
+    path.write_text(ROTATING.replace(f'["{OLD_KEY}", "{NEW_KEY}"]', f'"{OLD_KEY}"'))
+    settings = Settings(tenants_file=str(path))
+    live = LiveTenants(load_config(settings, env={}))
+    app = create_app(settings=settings, tenants=live, redis_client=fake_redis, clock=clock)
+    with app.test_client() as c:
+        assert_error(post_callrail(c, POST_CALL, tenant="rot", key=NEW_KEY), 401)
+        path.write_text(ROTATING + TENANTS)
+        assert TenantsReloader(settings, live, clock, env={}).poll() == "reloaded"
+        assert post_callrail(c, POST_CALL, tenant="rot", key=NEW_KEY).status_code == 202
+        assert post_callrail(c, {**POST_CALL, "resource_id": "CAL2"}, tenant="rot",
+                             key=OLD_KEY).status_code == 202
+        assert post_callrail(c, POST_CALL, tenant="acme").status_code == 202

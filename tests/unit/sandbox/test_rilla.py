@@ -298,3 +298,18 @@ def test_parse_org_argument() -> None:
     assert _parse_org("k") == ("k", None)
     assert _parse_org("k=a@x,b@y") == ("k", ["a@x", "b@y"])
     assert _parse_org("k=") == ("k", [])
+
+
+def test_rilla_bridge_sandbox_rilla_help_documents_the_control_api() -> None:
+    from click.testing import CliRunner
+
+    from ops.cli import main
+
+    result = CliRunner().invoke(main, ["sandbox", "rilla", "--help"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.startswith("usage: rilla-bridge sandbox rilla")
+    for route in ("/_sandbox/faults", "/_sandbox/latency", "/_sandbox/orgs/KEY",
+                  "/_sandbox/appointments", "/_sandbox/reset"):
+        assert route in out, route
+    assert '"count"' in out and '"retry_after"' in out and '"api_key"' in out
