@@ -39,6 +39,7 @@ from bench import baseline_celery
 from bench.common import (
     ACME_RILLA_KEY,
     DEFAULT_REDIS,
+    NO_INTAKE_LIMIT,
     ROOT,
     BodyFactory,
     cpu_seconds,
@@ -139,7 +140,9 @@ def pct(values: list[float], q: float) -> float:
 
 # -- runs ------------------------------------------------------------------------------------
 def make_system(args: argparse.Namespace, latency_ms: int, database_url: str = "") -> System:
-    env = {"TENANT_MAX_INFLIGHT": str(args.tenant_max_inflight)} if args.tenant_max_inflight else {}
+    env = dict(NO_INTAKE_LIMIT)
+    if args.tenant_max_inflight:
+        env["TENANT_MAX_INFLIGHT"] = str(args.tenant_max_inflight)
     sysm = System(redis_url=args.redis, env_extra=env, database_url=database_url)
     sysm.start_rilla_sandbox(ACME_RILLA_KEY, latency_ms=latency_ms)
     return sysm

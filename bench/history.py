@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from bench.common import (
     ACME_RILLA_KEY,
     DEFAULT_REDIS,
+    NO_INTAKE_LIMIT,
     BodyFactory,
     flush,
     machine,
@@ -79,7 +80,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure(args: argparse.Namespace, client: redis.Redis, url: str) -> dict[str, Any]:
-    sysm = System(redis_url=args.redis, database_url=url)
+    sysm = System(redis_url=args.redis, database_url=url, env_extra=dict(NO_INTAKE_LIMIT))
     watch = HistoryWatch(url)
     try:
         sysm.start_rilla_sandbox(ACME_RILLA_KEY, latency_ms=args.latency_ms, wait=False)
@@ -99,6 +100,7 @@ def _measure(args: argparse.Namespace, client: redis.Redis, url: str) -> dict[st
             poster.burst(start, min(5000, args.events - start))
             print(f"  posted {min(start + 5000, args.events)} / {args.events}", flush=True)
         accepted = poster.codes.get(202, 0)
+        print(f"  answers: {dict(poster.codes)}", flush=True)
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             ok = int(sysm.sandbox("stats")["by_status"].get("200", 0))
@@ -122,7 +124,7 @@ def _measure(args: argparse.Namespace, client: redis.Redis, url: str) -> dict[st
         # them through the history rows' call ids.
         with watch.engine.connect() as conn:
             ids: dict[str, str] = dict(
-                conn.execute(sa.text("SELECT id, call_id FROM events")).tuples().all())
+                conn.execute(sa.text("SELECT id, call_id FROM events")).all())
         for eid, seen_at in watch.seen.items():
             rilla_id = f"callrail-{ids.get(eid)}"
             if rilla_id in created and rilla_id in by_call:
