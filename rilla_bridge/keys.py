@@ -26,6 +26,7 @@ Shared:
 - ``rb:seen:{generation}``   bitmap: Bloom filter of calls whose state was handed to history
 - ``rb:replayed:{id}``       a dead letter replayed recently (a second replay is refused)
 - ``rb:stats``               hash: outcome counters for /metrics
+- ``rb:last_webhook``        hash: ``tenant|source`` -> when its last webhook was taken (s)
 - ``rb:limit:{t}``           hash: the tenant's intake token buckets (events, bytes)
 - ``rb:readyz``              what /readyz writes to see that Redis takes writes
 - ``rb:cr:*``                CallRail quota guard (layout in ``rilla_bridge.quota``), and
@@ -44,6 +45,7 @@ BULK_BUCKET = "rb:bulk"
 HISTORY = "rb:history"
 HISTORY_GROUP = "history"
 STATS = "rb:stats"
+LAST_WEBHOOK = "rb:last_webhook"
 READY_PROBE = "rb:readyz"
 QUOTA_PREFIX = "rb:cr"
 
