@@ -60,7 +60,7 @@ def create_app(
     app.register_blueprint(views.bp)
     intake = Intake(tenants, lifecycle, settings)
     app.wsgi_app = FrontDoor(  # type: ignore[method-assign]
-        app.wsgi_app, intake, settings.max_body_bytes)
+        app.wsgi_app, intake, settings.max_body_bytes, settings.trust_forwarded_for)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -29,6 +29,7 @@ Shared:
 - ``rb:last_webhook``        hash: ``tenant|source`` -> when its last webhook was taken (s)
 - ``rb:limit:{t}``           hash: the tenant's intake token buckets (events, bytes)
 - ``rb:readyz``              what /readyz writes to see that Redis takes writes
+- ``rb:authfail:{address}``  failed signatures or tokens from one client address this minute
 - ``rb:cr:*``                CallRail quota guard (layout in ``rilla_bridge.quota``), and
                              ``rb:cr:lookups:{t}:{hour}``: a tenant's recording lookups
 - ``rb:run:{id}``            hash: progress of one reconciliation or backfill run
@@ -76,6 +77,10 @@ def bulk_retry(tenant: str) -> str:
 
 def open_events(tenant: str) -> str:
     return f"rb:open:{tenant}"
+
+
+def auth_failures(address: str) -> str:
+    return f"rb:authfail:{address}"
 
 
 def intake_limit(tenant: str) -> str:
