@@ -19,6 +19,7 @@ from app.intake import Intake
 from rilla_bridge.clock import Clock, SystemClock
 from rilla_bridge.lifecycle import make_lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
+from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.redis_conn import make_redis, single_connection, warn_unless_noeviction
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenant_config import TenantsReloader, live_tenants
@@ -47,8 +48,8 @@ def create_app(
     warn_unless_noeviction(client, log)
     # Webhooks: one connection per worker thread, not the pool (see ConnectionPerThread).
     intake_client = None if redis_client is not None else single_connection(settings)
-    lifecycle = make_lifecycle(client, clock or SystemClock(), settings, tenants,
-                               intake_client=intake_client)
+    clock = clock or SystemClock()
+    lifecycle = make_lifecycle(client, clock, settings, tenants, intake_client=intake_client)
 
     app = Flask(__name__)
     app.config.update(
@@ -56,6 +57,8 @@ def create_app(
         RB_TENANTS=tenants,
         RB_ADMIN_TOKEN=settings.admin_token,
         RB_LIFECYCLE=lifecycle,
+        # /metrics reads each CallRail account's budget through the guard's own script.
+        RB_QUOTA=QuotaGuard.from_settings(settings, client, lifecycle.scripts, clock),
         MAX_CONTENT_LENGTH=None,  # the front door enforces the limit on webhooks, streaming
     )
     # "//" in a URL is a wrong URL (404), not a 308 redirect a sender might not follow.
@@ -66,7 +69,7 @@ def create_app(
         TenantsReloader(settings, live, clock or SystemClock(), client=client,
                         process="web").start()
     app.wsgi_app = FrontDoor(  # type: ignore[method-assign]
-        app.wsgi_app, intake, settings.max_body_bytes)
+        app.wsgi_app, intake, settings.max_body_bytes, settings.trust_forwarded_for)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -210,7 +210,7 @@ class Lifecycle:
         client = self._intake_client() if self._intake_client else None
         script_keys = [keys.dedup(dedup_digest(source, tenant, body)), keys.event(event_id),
                        keys.HISTORY, keys.open_events(tenant), keys.TENANTS,
-                       keys.intake_limit(tenant), *self.lanes.keys(tenant)]
+                       keys.intake_limit(tenant), keys.LAST_WEBHOOK, *self.lanes.keys(tenant)]
         args = [event_id, self.dedup_window, ms(now), repr(now), source, kind, call_id or "",
                 body if keep else b"", "1" if keep else "0", lane, rec,
                 repr(limit[0]) if limit else "", repr(limit[1]) if limit else "", len(body),

@@ -46,6 +46,17 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return env.get(name, "").strip() or default
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+
+
 DEFAULT_DATABASE_URL = "sqlite:///rilla-bridge.db"   # a file in the working directory
 _PG_SCHEMES = ("postgres://", "postgresql://", "postgresql+psycopg://")
 
@@ -108,6 +119,12 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     # The web's deadline for a client's request headers, and then again for its body.
     web_read_timeout_seconds: float = 10.0
+    # Failed signatures or tokens one client address may send in a minute; beyond, its
+    # failures are answered 429 with Retry-After (valid webhooks are never held back). 0: off.
+    auth_failures_per_minute: int = 20
+    # The client address is the last X-Forwarded-For entry (the one Heroku's router adds)
+    # instead of the connection's peer: set it only behind a proxy that adds that header.
+    trust_forwarded_for: bool = False
     environment: str = "production"   # Sentry's environment tag
     # Celery/kombu: a message not acked this long after a worker took it is handed out again.
     visibility_timeout_seconds: int = 60
@@ -184,6 +201,9 @@ class Settings:
             max_body_bytes=cls.max_body_bytes,
             web_read_timeout_seconds=_float(
                 e, "WEB_READ_TIMEOUT_SECONDS", cls.web_read_timeout_seconds),
+            auth_failures_per_minute=_int(
+                e, "AUTH_FAILURES_PER_MINUTE", cls.auth_failures_per_minute),
+            trust_forwarded_for=_bool(e, "TRUST_FORWARDED_FOR", cls.trust_forwarded_for),
             environment=_str(e, "ENVIRONMENT", cls.environment),
             visibility_timeout_seconds=_int(
                 e, "VISIBILITY_TIMEOUT_SECONDS", cls.visibility_timeout_seconds
