@@ -21,6 +21,7 @@ from rilla_bridge.history.db import reading, writing
 from rilla_bridge.history.models import calls as call_states
 from rilla_bridge.history.models import dead_letters, events, timeline
 from rilla_bridge.lifecycle import Lifecycle, dedup_digest, make_lifecycle
+from rilla_bridge.providers import SOURCES
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant
 
@@ -236,6 +237,7 @@ class Operations:
                 pipe.zrem(keys.READY, tenant)
                 pipe.srem(keys.PAUSED, tenant)
                 pipe.srem(keys.TENANTS, tenant)
+                pipe.hdel(keys.LAST_WEBHOOK, *(f"{tenant}|{src}" for src in SOURCES))
                 pipe.execute()
         return counts
 
