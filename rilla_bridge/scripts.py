@@ -49,4 +49,5 @@ class Scripts:
         self.forget = load(source("forget"))
         # leases and the CallRail quota
         self.lease = load(source("lease"))
+        self.release = load(source("release"))
         self.quota = load(source("quota"))
