@@ -206,9 +206,8 @@ def test_sigterm_each_process_under_load_loses_nothing(system: System) -> None:
     report["worker"] = {"exit_s": round(took, 2), "code": code, "held": len(watch.held),
                         "finished_in_grace": len(finished), "handed_back": len(handed),
                         "taken_after_grace_max_s": round(max(waits, default=-1), 3)}
-    print(report)
     assert code == 0 and GRACE <= took < GRACE + 5, s.log("worker-a")[-3000:]
-    assert handed, "no delivery outlived the grace: nothing was handed back"
+    assert handed, f"no delivery outlived the grace: nothing was handed back ({report})"
     # Every delivery it held either finished (warm shutdown) or went back and was taken by
     # worker-b at once: well within the 8 s lease, which nothing waited for.
     assert handed <= set(watch.taken), sorted(handed - set(watch.taken))
@@ -223,10 +222,14 @@ def test_sigterm_each_process_under_load_loses_nothing(system: System) -> None:
 
     # -- scheduler: its job leases are released; the other copy carries on ----------------
     node_a = f"{socket.gethostname()}:{s.procs['scheduler-a'].pid}"
+    node_b = f"{socket.gethostname()}:{s.procs['scheduler-b'].pid}"
+    until(lambda: node_a in lease_owners(client).values(), 10, "scheduler-a holding a job")
     took, code = sigterm(s, "scheduler-a")
     report["scheduler"] = {"exit_s": round(took, 2), "code": code}
     assert took < EXIT_WITHIN and code == 0
-    assert node_a not in lease_owners(client).values()
+    assert node_a not in lease_owners(client).values()    # released, not left to lapse
+    until(lambda: lease_owners(client).get(keys.scheduler_job("lanes")) == node_b, 1,
+          "scheduler-b running the lanes job")
     assert "recovered events whose worker stopped" not in s.log("scheduler-a")
 
     # -- history: stops between batches; its pending entries are written once back --------
