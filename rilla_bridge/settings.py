@@ -143,6 +143,9 @@ class Settings:
     # A running delivery holds its slot and its call's lock under this lease, renewed by the
     # worker's heartbeat: a dead worker's work is back in progress within about a lease.
     delivery_lease_seconds: float = 8.0
+    # A worker given SIGTERM finishes what it runs for at most this long, then hands the rest
+    # back to their lanes and exits (Heroku's SIGKILL follows SIGTERM after 30 s).
+    worker_shutdown_grace_seconds: float = 20.0
     # Replays and backfill leave their bulk lanes at most this fast (events/s, all tenants).
     bulk_rate_per_second: float = 50.0
     # Calls whose state went to history in one generation (the history retention): sizes the
@@ -218,6 +221,8 @@ class Settings:
                 e, "TENANT_INTAKE_MIB_PER_MINUTE", cls.tenant_intake_mib_per_minute),
             delivery_lease_seconds=_float(
                 e, "DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds),
+            worker_shutdown_grace_seconds=_float(
+                e, "WORKER_SHUTDOWN_GRACE_SECONDS", cls.worker_shutdown_grace_seconds),
             bulk_rate_per_second=_float(e, "BULK_RATE_PER_SECOND", cls.bulk_rate_per_second),
             seen_calls_capacity=_int(e, "SEEN_CALLS_CAPACITY", cls.seen_calls_capacity),
             callrail_connect_timeout=_float(

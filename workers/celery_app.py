@@ -122,10 +122,21 @@ def worker_kind(queues: Any) -> str:
 @signals.worker_ready.connect
 def _watch_config(sender: Any = None, **_: Any) -> None:
     """Load the tenants at start (not at the first task) and keep them reloaded."""
+    from workers import shutdown
     from workers.runtime import watch_config
 
+    shutdown.consumer = sender
     queues = sender.app.amqp.queues.consume_from.values() if sender is not None else ()
     watch_config(worker_kind(queues))
+
+
+@signals.worker_shutting_down.connect
+def _shutdown_deadline(**_: Any) -> None:
+    """SIGTERM: Celery stops taking work and waits for what runs; past the grace, what
+    still runs is handed back and the process exits (workers/shutdown.py)."""
+    from workers import shutdown
+
+    shutdown.arm()
 
 
 @signals.worker_shutdown.connect

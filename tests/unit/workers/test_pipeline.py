@@ -660,7 +660,8 @@ def test_the_worker_holds_the_event_and_the_calls_lock_in_its_heartbeat(
 
 
 class WorkerKilled(BaseException):
-    """The worker process dies mid-delivery (no ``finally`` of ours gets to settle)."""
+    """The worker process dies mid-delivery (SIGKILL: no code of ours runs any more, so
+    neither a settle nor the hand-back of a stopping worker, see test_shutdown.py)."""
 
 
 def test_a_killed_workers_event_and_lock_come_back_after_a_lease(
@@ -668,6 +669,7 @@ def test_a_killed_workers_event_and_lock_come_back_after_a_lease(
         monkeypatch: pytest.MonkeyPatch) -> None:
     rt = make_runtime(fake_redis, clock)
     eid = ingest(rt, load("callrail", "post_call"))
+    monkeypatch.setattr(pipeline, "hand_back", lambda *a: False)   # SIGKILL: nothing runs
 
     def killed() -> None:
         raise WorkerKilled
