@@ -142,5 +142,7 @@ def init_sentry(dsn: str, *, environment: str, component: str, **extra: Any) -> 
         before_send=_before_send,  # type: ignore[arg-type]
         **extra,
     )
-    sentry_sdk.set_tag("component", component)
+    # On the global scope: a worker builds its runtime inside its first task, whose own
+    # (context-local) scope the other tasks' events would not carry.
+    sentry_sdk.get_global_scope().set_tag("component", component)
     return True

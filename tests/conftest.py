@@ -75,6 +75,7 @@ def sentry_transport() -> Iterator[CapturingTransport]:
     yield transport
     sentry_sdk.get_client().close()
     sentry_sdk.get_global_scope().set_client(None)
+    sentry_sdk.get_global_scope().remove_tag("component")
     sentry_sdk.get_isolation_scope().clear()
     sentry_sdk.get_current_scope().clear()
 
