@@ -10,14 +10,17 @@ import logging
 from typing import Any
 
 from flask import Flask, Response
+from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from app import views
+from app import admin, admin_api, console, views
 from app.door import FrontDoor
 from app.intake import Intake
 from rilla_bridge.clock import Clock, SystemClock
+from rilla_bridge.history.db import make_engine
 from rilla_bridge.lifecycle import make_lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
+from rilla_bridge.operations import Operations
 from rilla_bridge.redis_conn import make_redis, single_connection, warn_unless_noeviction
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant, load_tenants
@@ -30,8 +33,11 @@ def create_app(
     tenants: dict[str, Tenant] | None = None,
     redis_client: Any = None,
     clock: Clock | None = None,
+    engine: Engine | None = None,
 ) -> Flask:
-    """The web app. Tests pass settings, tenants, a (fake) Redis client and a clock."""
+    """The web app. Tests pass settings, tenants, a (fake) Redis client, a clock and the
+    history database's engine (else one is made from ``DATABASE_URL`` on the first console
+    or admin API request)."""
     settings = settings or Settings.from_env()
     tenants = load_tenants(settings.tenants_file) if tenants is None else tenants
     setup_logging()
@@ -41,8 +47,12 @@ def create_app(
     warn_unless_noeviction(client, log)
     # Webhooks: one connection per worker thread, not the pool (see ConnectionPerThread).
     intake_client = None if redis_client is not None else single_connection(settings)
-    lifecycle = make_lifecycle(client, clock or SystemClock(), settings, tenants,
-                               intake_client=intake_client)
+    clock = clock or SystemClock()
+    lifecycle = make_lifecycle(client, clock, settings, tenants, intake_client=intake_client)
+
+    def make_operations() -> Operations:
+        return Operations(settings, client, engine or make_engine(settings), clock, tenants,
+                          lifecycle)
 
     app = Flask(__name__)
     app.config.update(
@@ -50,11 +60,15 @@ def create_app(
         RB_TENANTS=tenants,
         RB_ADMIN_TOKEN=settings.admin_token,
         RB_LIFECYCLE=lifecycle,
+        RB_MAKE_OPERATIONS=make_operations,
         MAX_CONTENT_LENGTH=None,  # the front door enforces the limit on webhooks, streaming
     )
     # "//" in a URL is a wrong URL (404), not a 308 redirect a sender might not follow.
     app.url_map.merge_slashes = False
     app.register_blueprint(views.bp)
+    admin.install(app)
+    app.register_blueprint(admin_api.bp)
+    console.install(app, settings)
     intake = Intake(tenants, lifecycle, settings)
     app.wsgi_app = FrontDoor(  # type: ignore[method-assign]
         app.wsgi_app, intake, settings.max_body_bytes)

@@ -33,6 +33,7 @@ Shared:
 - ``rb:run:{id}``            hash: progress of one reconciliation or backfill run
 - ``rb:recon:{tenant}``      lease: the tenant's last reconciliation start
 - ``rb:sched:{job}``         lease: which scheduler copy runs a periodic job this tick
+- ``rb:signin:{address}``    failed console sign-ins from one client address (expires)
 """
 
 from __future__ import annotations
@@ -114,3 +115,7 @@ def reconcile(tenant: str) -> str:
 
 def scheduler_job(name: str) -> str:
     return f"rb:sched:{name}"
+
+
+def sign_in_failures(address: str) -> str:
+    return f"rb:signin:{address}"

@@ -14,9 +14,14 @@ def scheduler() -> None:
     # Imported here, as in the commands below: only the command that runs a process loads
     # what that process needs (workers, gevent, a sandbox).
     from workers.runtime import runtime
-    from workers.scheduler import run_forever
+    from workers.scheduler import run_forever, start_job_runner
 
-    run_forever(runtime())
+    rt = runtime()
+    runner = start_job_runner(rt)
+    try:
+        run_forever(rt)
+    finally:
+        runner.stop()
 
 
 @main.command()
