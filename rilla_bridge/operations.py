@@ -303,7 +303,7 @@ class Operations:
             out["callrail"] = f"{base}/webhooks/callrail/{tenant.slug}"
         if tenant.callingly:
             out["callingly"] = (f"{base}/webhooks/callingly/{tenant.slug}?token="
-                                f"{mask(tenant.callingly.webhook_tokens[0])}")
+                                f"****{tenant.callingly.webhook_tokens[0][-2:]}")
         return out
 
     def callingly_url(self, slug: str, base_url: str, actor: str) -> str:

@@ -70,12 +70,12 @@ def per_minute(conn: Connection, now: float, minutes: int = 1440
     since = now - minutes * MINUTE
     minute = _minute(conn, since).label("m")
     q = (sa.select(events.c.tenant, minute, events.c.status, sa.func.count().label("n"))
-         .where(events.c.received_at >= since, events.c.received_at < now)
+         .where(events.c.received_at >= since, events.c.received_at <= now)
          .group_by(events.c.tenant, minute, events.c.status))
     out: dict[str, dict[str, list[int]]] = {}
     for row in conn.execute(q):
-        m = int(row.m)
-        if not 0 <= m < minutes:
+        m = min(int(row.m), minutes - 1)   # received this very second: the last minute
+        if m < 0:
             continue
         series = out.setdefault(str(row.tenant or "?"), {
             "received": [0] * minutes, "delivered": [0] * minutes, "failed": [0] * minutes})
