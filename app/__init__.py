@@ -61,6 +61,7 @@ def create_app(
         RB_ADMIN_TOKEN=settings.admin_token,
         RB_LIFECYCLE=lifecycle,
         RB_MAKE_OPERATIONS=make_operations,
+        RB_PUBLIC_URL=settings.public_url,
         MAX_CONTENT_LENGTH=None,  # the front door enforces the limit on webhooks, streaming
     )
     # "//" in a URL is a wrong URL (404), not a 308 redirect a sender might not follow.

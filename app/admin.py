@@ -55,7 +55,11 @@ def limited(view: F) -> F:
 
 
 def base_url() -> str:
-    """This service's public address as the operator reached it (https behind a proxy)."""
+    """This service's public address: ``PUBLIC_URL``, else as the operator reached it
+    (https behind a proxy)."""
+    configured = cast(str, current_app.config.get("RB_PUBLIC_URL") or "")
+    if configured:
+        return configured
     proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
     return f"{proto}://{request.host}"
 
