@@ -4,6 +4,7 @@ line, through the same service layer (audited like the console's)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -29,7 +30,8 @@ def env(fake_redis: fakeredis.FakeRedis, history_db: Engine, tmp_path: Path,
 
 def _audit(client: fakeredis.FakeRedis) -> list[dict[str, object]]:
     out = []
-    for _, fields in client.xrange(keys.HISTORY):
+    entries: Any = client.xrange(keys.HISTORY)
+    for _, fields in entries:
         if fields[b"r"] == records.AUDIT.encode():
             out.append(records.Record.from_entry("0-1", fields).data)
     return out
