@@ -133,8 +133,8 @@ def test_on_call_console_end_to_end(system: System, browser: Any) -> None:
     d.find_element("css selector", "button.primary").click()
     reload_until(d, lambda t: "done" in t and "2 / 2 processed" in t, 30, "the job to finish")
     shot(d, "07-replay-done")
-    for event_id in failing:
-        until(lambda e=event_id: s.history.status(e) == "delivered", 30, "replayed delivery")
+    until(lambda: all(s.history.status(e) == "delivered" for e in failing), 30,
+          "the replayed deliveries")
     d.get(f"{s.web}/console/events/{failing[0]}")
     assert "delivered" in text(d) and "replayed" in text(d)
     d.get(f"{s.web}/console/dead-letters")
