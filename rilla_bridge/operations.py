@@ -53,7 +53,7 @@ class Operations:
         self.clock = clock
         self.tenants = tenants
         self.lifecycle = lifecycle or make_lifecycle(client, clock, settings, tenants)
-        self._overview_cache: tuple[float, bool, dict[str, Any]] | None = None
+        self._overview_cache: tuple[float, dict[str, Any]] | None = None
 
     # -- dead letters ------------------------------------------------------------------------
     def replay(self, event_ids: Iterable[str], actor: str, *,
@@ -261,18 +261,18 @@ class Operations:
                                            "waiting")})
         return out
 
-    def overview(self, chart: bool = True) -> dict[str, Any]:
+    def overview(self) -> dict[str, Any]:
         """The console's first page: per tenant and in total, last hour and day counts,
         queue depths, oldest pending, retries, CallRail budgets, silent tenants, and the
         per-minute series for the charts. Cached ``OVERVIEW_CACHE_SECONDS`` per process, so
         a room full of operators costs the database one query set."""
         now = self.clock.now()
         cached = self._overview_cache
-        if cached and now - cached[0] < OVERVIEW_CACHE_SECONDS and (cached[1] or not chart):
-            return cached[2]
+        if cached and 0 <= now - cached[0] < OVERVIEW_CACHE_SECONDS:
+            return cached[1]
         with reading(self.engine) as conn:
-            counts = overview.counts(conn, now)
-            series = overview.per_minute(conn, now) if chart else {}
+            series = overview.per_minute(conn, now)
+            counts = overview.counts(series)
             tenants = sorted(set(self.tenants) | set(counts))
             last = {t: overview.last_received(conn, t) for t in tenants}
         state = self._redis_state(tenants)
@@ -288,10 +288,12 @@ class Operations:
                          **state["tenants"].get(t, {}), "paused": t in state["paused"],
                          "last_received_at": last[t],
                          "silent": silence(now, last[t], c["24h"]["received"])})
+        chart_series = {t: {k: v[k] for k in ("received", "delivered", "failed")}
+                        for t, v in series.items()}
         result = {"now": now, "tenants": rows, "total": total, "queues": state["queues"],
                   "paused": state["paused"], "callrail": self.budgets(),
-                  "chart": {"minutes": 1440, "start": now - 86400, "series": series}}
-        self._overview_cache = (now, chart, result)
+                  "chart": {"minutes": 1440, "start": now - 86400, "series": chart_series}}
+        self._overview_cache = (now, result)
         return result
 
     # -- tenants -----------------------------------------------------------------------------
@@ -318,7 +320,7 @@ class Operations:
     def tenants_info(self, base_url: str) -> list[dict[str, Any]]:
         """Per configured tenant: webhook URLs (masked), secrets masked, last webhook per
         source, last day's success rate, CallRail account, pause."""
-        ov = {r["tenant"]: r for r in self.overview(chart=False)["tenants"]}
+        ov = {r["tenant"]: r for r in self.overview()["tenants"]}
         budgets = {b["account"]: b for b in self.budgets()}
         out = []
         with reading(self.engine) as conn:

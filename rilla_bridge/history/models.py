@@ -119,7 +119,8 @@ dead_letters = sa.Table(
     sa.Column("handled_by", sa.Text),
     sa.Index(None, "event_id"),
     # open ones: grouped (tenant x reason x status) and listed by failure time
-    sa.Index("ix_dead_letters_open_group", "tenant", "reason_code", "status_code",
+    # (failed_at last: a group's newest sample is one step down the index; migration 0002)
+    sa.Index("ix_dead_letters_open_group", "tenant", "reason_code", "status_code", "failed_at",
              sqlite_where=_open, postgresql_where=_open),
     sa.Index("ix_dead_letters_open_failed_at", "failed_at",
              sqlite_where=_open, postgresql_where=_open),

@@ -36,26 +36,6 @@ def _empty() -> dict[str, int]:
     return dict.fromkeys(COLUMNS, 0)
 
 
-def counts(conn: Connection, now: float) -> dict[str, dict[str, dict[str, int]]]:
-    """``{tenant: {"1h": {column: n}, "24h": {column: n}}}`` for events received in the last
-    hour and day (``received``: all of them; the others by their status now)."""
-    hour_ago = now - HOUR
-    recent = sa.case((events.c.received_at >= hour_ago, 1), else_=0)
-    q = (sa.select(events.c.tenant, events.c.status, sa.func.count().label("n"),
-                   sa.func.sum(recent).label("n1h"))
-         .where(events.c.received_at >= now - DAY, events.c.received_at <= now)
-         .group_by(events.c.tenant, events.c.status))
-    out: dict[str, dict[str, dict[str, int]]] = {}
-    for row in conn.execute(q):
-        tenant = str(row.tenant or "?")
-        per = out.setdefault(tenant, {"1h": _empty(), "24h": _empty()})
-        col = _bucket(row.status)
-        for window, n in (("24h", int(row.n)), ("1h", int(row.n1h or 0))):
-            per[window]["received"] += n
-            per[window][col] += n
-    return out
-
-
 def _minute(conn: Connection, since: float) -> Any:
     offset = (events.c.received_at - since) / MINUTE
     if conn.dialect.name == "postgresql":
@@ -65,8 +45,10 @@ def _minute(conn: Connection, since: float) -> Any:
 
 def per_minute(conn: Connection, now: float, minutes: int = 1440
                ) -> dict[str, dict[str, list[int]]]:
-    """``{tenant: {"received"|"delivered"|"failed": [n per minute, oldest first]}}`` over the
-    last ``minutes`` minutes, by the minute each event was received (failed: dead-lettered)."""
+    """``{tenant: {column: [n per minute, oldest first]}}`` over the last ``minutes``
+    minutes (the last bucket ends at ``now``), by the minute each event was received and
+    its status now; columns are ``COLUMNS`` plus ``failed`` (dead-lettered, for the chart).
+    One grouped range scan of the ``(received_at, tenant, status)`` index."""
     since = now - minutes * MINUTE
     minute = _minute(conn, since).label("m")
     q = (sa.select(events.c.tenant, minute, events.c.status, sa.func.count().label("n"))
@@ -78,13 +60,22 @@ def per_minute(conn: Connection, now: float, minutes: int = 1440
         if m < 0:
             continue
         series = out.setdefault(str(row.tenant or "?"), {
-            "received": [0] * minutes, "delivered": [0] * minutes, "failed": [0] * minutes})
-        series["received"][m] += int(row.n)
-        if row.status == "delivered":
-            series["delivered"][m] += int(row.n)
-        elif row.status == "dead":
-            series["failed"][m] += int(row.n)
+            c: [0] * minutes for c in (*COLUMNS, "failed")})
+        n = int(row.n)
+        series["received"][m] += n
+        series[_bucket(row.status)][m] += n
+        if row.status == "dead":
+            series["failed"][m] += n
     return out
+
+
+def counts(series: dict[str, dict[str, list[int]]], last: int = 60
+           ) -> dict[str, dict[str, dict[str, int]]]:
+    """``{tenant: {"1h": {column: n}, "24h": {column: n}}}`` from ``per_minute``'s series
+    (``last``: the minutes of the short window)."""
+    return {tenant: {"1h": {c: sum(s[c][-last:]) for c in COLUMNS},
+                     "24h": {c: sum(s[c]) for c in COLUMNS}}
+            for tenant, s in series.items()}
 
 
 def last_received(conn: Connection, tenant: str, source: str | None = None) -> float | None:

@@ -87,7 +87,8 @@ def test_a_batch_applied_twice_writes_nothing_twice(engine: Engine, clock: FakeC
     again = apply(engine, batch)
     assert dump(engine) == once and again.events == 0
     assert {k: len(v) for k, v in once.items()} == {
-        "events": 2, "timeline": 3, "calls": 1, "dead_letters": 1, "audit_log": 1}
+        "events": 2, "timeline": 3, "calls": 1, "dead_letters": 1, "audit_log": 1,
+        "jobs": 0}
 
 
 def test_out_of_order_batches_never_regress(engine: Engine, clock: FakeClock) -> None:
