@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import re
 import secrets
@@ -265,25 +266,17 @@ def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, 
             lat.append((time.perf_counter() - t0) * 1000)
             codes[code] = codes.get(code, 0) + 1
 
-    stop = threading.Event()
-    pages_done = [0]
-
-    def page_through() -> None:
-        s = sign_in(web)
+    # The operator is a process of its own (a browser is not in the bench's interpreter):
+    # its requests and their parsing take no GIL from the posting threads here.
+    operator_proc = None
+    if operator:
         paths = [p for name, p in targets(sample, web, _api()) if name.startswith("page")]
-        while not stop.is_set():
-            for p in paths:
-                if stop.is_set():
-                    break
-                s.get(f"{web}{p}", timeout=30)
-                pages_done[0] += 1
-                if think:
-                    stop.wait(think)
-
-    operator_thread = threading.Thread(target=page_through, daemon=True) if operator else None
-    if operator_thread:
-        operator_thread.start()
-        time.sleep(1.0)
+        stop_flag = multiprocessing.Event()
+        pages_done = multiprocessing.Value("i", 0)
+        operator_proc = multiprocessing.Process(target=_page_through,
+                                                args=(web, paths, think, stop_flag, pages_done))
+        operator_proc.start()
+        time.sleep(1.5)
     pool = ThreadPoolExecutor(8)
     t0 = time.monotonic()
     futures = []
@@ -295,15 +288,30 @@ def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, 
         futures.append(pool.submit(post, k))
     for f in futures:
         f.result()
-    stop.set()
-    if operator_thread:
-        operator_thread.join(timeout=30)
+    pages = 0
+    if operator_proc is not None:
+        stop_flag.set()
+        operator_proc.join(timeout=60)
+        pages = int(pages_done.value)
     pool.shutdown()
     who = ("quiet" if not operator else
            f"operator, {think:g} s between pages" if think else "operator, no pause")
     return {"operator": who, "posts": n, "codes": codes,
             "p50_ms": round(pct(lat, 50), 2), "p99_ms": round(pct(lat, 99), 2),
-            "max_ms": round(max(lat), 2), "operator_pages": pages_done[0]}
+            "max_ms": round(max(lat), 2), "operator_pages": pages}
+
+
+def _page_through(web: str, paths: list[str], think: float, stop: Any, done: Any) -> None:
+    s = sign_in(web)
+    while not stop.is_set():
+        for p in paths:
+            if stop.is_set():
+                return
+            s.get(f"{web}{p}", timeout=30)
+            with done.get_lock():
+                done.value += 1
+            if think:
+                stop.wait(think)
 
 
 def _api() -> requests.Session:

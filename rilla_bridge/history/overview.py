@@ -32,10 +32,6 @@ def _bucket(status: str | None) -> str:
     return "pending"   # queued, in flight
 
 
-def _empty() -> dict[str, int]:
-    return dict.fromkeys(COLUMNS, 0)
-
-
 def _minute(conn: Connection, since: float) -> Any:
     offset = (events.c.received_at - since) / MINUTE
     if conn.dialect.name == "postgresql":
