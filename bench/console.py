@@ -30,15 +30,26 @@ import multiprocessing
 import random
 import re
 import secrets
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import redis as redis_lib
 import requests
 import sqlalchemy as sa
 
-from bench.common import BodyFactory, flush, machine, rerun_command, table, teardown, write_results
+from bench.common import (
+    RESULTS,
+    BodyFactory,
+    flush,
+    machine,
+    rerun_command,
+    table,
+    teardown,
+    write_results,
+)
 from bench.delivery import pct
 from rilla_bridge.clock import SystemClock
 from rilla_bridge.history.db import make_engine
@@ -71,7 +82,8 @@ def tenants_toml() -> str:
     return "\n".join(out)
 
 
-def seed(url: str, n_events: int, n_dead: int, now: float) -> dict[str, Any]:
+def seed(url: str, n_events: int, n_dead: int, now: float, rejected: int = 0
+         ) -> dict[str, Any]:
     """COPY the history in; returns what the queries will look for."""
     rng = random.Random(11)
     factory = BodyFactory("seed")
@@ -103,7 +115,12 @@ def seed(url: str, n_events: int, n_dead: int, now: float) -> dict[str, Any]:
         rec = f"{int(t * 1000)}-{i}"
         code, status_code, reason = "", None, None
         if is_dead:
-            code, status_code, reason, _ = rng.choices(REASONS, [r[3] for r in REASONS])[0]
+            if rejected:   # exactly ``rejected`` rilla_rejected ones (the replay stage's)
+                code, status_code, reason, _ = REASONS[0 if dead < rejected else
+                                                       1 + dead % 2]
+            else:
+                code, status_code, reason, _ = rng.choices(REASONS,
+                                                           [r[3] for r in REASONS])[0]
             dead += 1
         ev_rows.append((eid, tenant, "callrail", "post_call", call, t, status, reason, 1,
                         status_code or 200, t + 0.2, 3100, body,
@@ -229,8 +246,6 @@ def time_queries(web: str, sample: dict[str, Any], repeat: int, db_url: str,
                  "p50_ms": round(pct(ms, 50), 1), "p95_ms": round(pct(ms, 95), 1),
                  "max_ms": round(max(ms), 1)})
     settings = Settings(database_url=db_url, admin_token=ADMIN_TOKEN)
-    import redis as redis_lib
-
     engine = make_engine(db_url)
     client = redis_lib.Redis.from_url(sample["redis"])
     ms = []
@@ -301,6 +316,109 @@ def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, 
             "max_ms": round(max(lat), 2), "operator_pages": pages}
 
 
+def live_run(sysm: System, n: int, rate: float, tenant: str = "t01") -> dict[str, Any]:
+    """n webhooks of ``tenant`` at ``rate``/s; each one's delivery latency (the Rilla
+    sandbox's created_at minus the moment it was posted)."""
+    factory = BodyFactory(secrets.token_hex(3))
+    key = f"{tenant}-signing-key-00000"
+    sent: dict[str, float] = {}
+    lock = threading.Lock()
+    local = threading.local()
+
+    def post(i: int) -> None:
+        s = getattr(local, "s", None) or requests.Session()
+        local.s = s
+        raw = factory.body(i)
+        t0 = time.time()
+        r = s.post(f"{sysm.web}/webhooks/callrail/{tenant}", data=raw,
+                   headers={"Signature": signature(key, raw)}, timeout=30)
+        if r.status_code == 202:
+            with lock:
+                sent[f"callrail-{factory.rid(i)}"] = t0
+
+    pool = ThreadPoolExecutor(4)
+    t0 = time.monotonic()
+    futures = []
+    for k in range(n):
+        delay = t0 + k / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(pool.submit(post, k))
+    for f in futures:
+        f.result()
+    pool.shutdown()
+    deadline = time.monotonic() + 120
+    created: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        appts = sysm.sandbox("appointments", params={"api_key": f"{tenant}-rilla-key-000000"})
+        created = {a["event_id"]: a["_sandbox"]["created_at"] for a in appts}
+        if all(e in created for e in sent):
+            break
+        time.sleep(0.5)
+    lat = [1000 * (created[e] - t) for e, t in sent.items() if e in created]
+    return {"posted": n, "delivered": len(lat), "p50_ms": round(pct(lat, 50), 1),
+            "p99_ms": round(pct(lat, 99), 1), "max_ms": round(max(lat), 1)}
+
+
+def replay_stage(sysm: System, args: argparse.Namespace) -> dict[str, Any]:
+    """Bulk replay of the ``--replay`` rilla_rejected dead letters through the whole system
+    while live webhooks of another tenant are delivered beside it."""
+    keys = [f"t{i:02d}-rilla-key-000000" for i in range(TENANT_COUNT)]
+    sysm.start_rilla_sandbox(*keys, latency_ms=args.rilla_latency_ms, wait=False)
+    for k in range(args.workers):
+        sysm.start_worker(name=f"worker{k}", concurrency=100, wait=False)
+    sysm.start_scheduler(wait=False)
+    sysm.start_history(wait=False)
+    sysm.ready()
+    n_live = int(args.live_rate * args.live_seconds)
+    quiet = live_run(sysm, n_live, args.live_rate)
+    api = _api()
+    plan = api.post(f"{sysm.web}/admin/api/jobs", timeout=60, json={
+        "action": "replay", "selection": {"filter": {"reason": "rilla_rejected"}}}).json()
+    t_confirm = time.monotonic()
+    api.post(f"{sysm.web}/admin/api/jobs/{plan['id']}/confirm", timeout=30)
+    time.sleep(2)
+    client = redis_lib.Redis.from_url(args.redis)
+    depths: list[int] = []
+    watching = threading.Event()
+
+    def watch() -> None:   # Celery's events queue while the replay and live run side by side
+        while not watching.wait(0.5):
+            depths.append(int(client.llen("events")))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    during = live_run(sysm, n_live, args.live_rate)
+    watching.set()
+    watcher.join()
+    during["events_queue_max"] = max(depths or [0])
+    during["events_queue_mean"] = round(sum(depths) / max(1, len(depths)), 1)
+    job: dict[str, Any] = {}
+    deadline = time.monotonic() + plan["total"] / args.bulk_rate * 3 + 120
+    while time.monotonic() < deadline:
+        job = api.get(f"{sysm.web}/admin/api/jobs/{plan['id']}", timeout=30).json()
+        if job["status"] not in ("queued", "running"):
+            break
+        time.sleep(1)
+    t_job = time.monotonic()
+    while time.monotonic() < deadline:   # the last replays delivered
+        ok = int(sysm.sandbox("stats")["by_status"].get("200", 0))
+        if ok - 2 * n_live >= plan["total"]:
+            break
+        time.sleep(0.5)
+    t_done = time.monotonic()
+    replayed = int(sysm.sandbox("stats")["by_status"].get("200", 0)) - 2 * n_live
+    return {"dead_letters": plan["total"], "job": {k: job.get(k) for k in (
+                "status", "done", "processed", "note")},
+            "bulk_rate_per_second": args.bulk_rate,
+            "implied_seconds": round(plan["total"] / args.bulk_rate, 1),
+            "job_seconds": round(t_job - t_confirm, 1),
+            "all_delivered_seconds": round(t_done - t_confirm, 1),
+            "replayed_delivered": replayed,
+            "live_quiet": quiet, "live_during_replay": during,
+            "live_p99_ratio": round(during["p99_ms"] / quiet["p99_ms"], 3)}
+
+
 def _page_through(web: str, paths: list[str], think: float, stop: Any, done: Any) -> None:
     s = sign_in(web)
     while not stop.is_set():
@@ -332,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds an operator spends on a page (the second intake run)")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/10")
     p.add_argument("--web-workers", type=int, default=2)
+    p.add_argument("--replay", type=int, default=0,
+                   help="dead letters to replay in bulk (0: skip that stage)")
+    p.add_argument("--bulk-rate", type=float, default=50.0)
+    p.add_argument("--workers", type=int, default=2, help="Celery worker processes")
+    p.add_argument("--live-rate", type=float, default=20.0)
+    p.add_argument("--live-seconds", type=float, default=30.0)
+    p.add_argument("--rilla-latency-ms", type=int, default=50)
     args = p.parse_args(argv)
 
     flush(args.redis)
@@ -341,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     db_url = admin.url.set(database=name).render_as_string(hide_password=False)
     text = tenants_toml()
-    sysm = System(args.redis, tenants=text, database_url=db_url)
+    sysm = System(args.redis, tenants=text, database_url=db_url,
+                  env_extra={"BULK_RATE_PER_SECOND": str(args.bulk_rate)})
     result: dict[str, Any] = {"machine": machine(), "command": rerun_command(),
                               "events": args.events, "dead": args.dead}
     try:
@@ -349,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         upgrade_engine(engine)
         engine.dispose()
         now = time.time()
-        sample = seed(db_url, args.events, args.dead, now)
+        sample = seed(db_url, args.events, args.dead, now, rejected=args.replay)
         sample["redis"] = args.redis
         print(f"seeded {args.events} events, {sample['dead']} dead letters in "
               f"{sample['seconds']} s", flush=True)
@@ -369,7 +495,16 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs[1:]:
                 print(f"intake p99, {run['operator']} / quiet: "
                       f"{run['p99_ms'] / runs[0]['p99_ms']:.3f}", flush=True)
+        if args.replay:
+            rep = replay_stage(sysm, args)
+            result["replay"] = rep
+            print(json.dumps(rep, indent=2), flush=True)
     finally:
+        keep = RESULTS / "console-logs"
+        keep.mkdir(parents=True, exist_ok=True)
+        for proc_name, log_path in sysm.logs.items():
+            if log_path.exists():
+                shutil.copyfile(log_path, keep / f"{proc_name}.log")
         teardown(sysm, args.redis)
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
