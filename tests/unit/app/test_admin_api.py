@@ -289,3 +289,19 @@ def test_security_headers_on_api_replies(api: FlaskClient) -> None:
     assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
     assert resp.headers["X-Frame-Options"] == "DENY"
     assert resp.headers["Cache-Control"] == "no-store"
+
+
+def test_replay_stops_between_events_when_cancelled(app: Flask, history_db: Engine,
+                                                    fake_redis: fakeredis.FakeRedis,
+                                                    clock: FakeClock) -> None:
+    seed(history_db, clock)
+    ops = ops_of(app)
+    seen: list[int] = []
+    out = ops.replay(["ev_nope", "ev_ok1", "ev_dead1", "ev_dead2"], "console:t",
+                     progress=seen.append, cancelled=lambda: len(seen) >= 3)
+    assert out.done == 1 and seen == [1, 2, 3]
+    assert out.left == [("ev_nope", "no such event in history"),
+                        ("ev_ok1", "not an open dead letter (replayed or deleted already?)"),
+                        ("ev_dead2", "cancelled")]
+    assert fake_redis.exists(keys.event("ev_dead1"))
+    assert not fake_redis.exists(keys.event("ev_dead2"))
