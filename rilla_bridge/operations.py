@@ -313,7 +313,8 @@ class Operations:
                         for t, v in series.items()}
         result = {"now": now, "tenants": rows, "total": total, "queues": state["queues"],
                   "paused": state["paused"], "callrail": self.budgets(),
-                  "chart": {"minutes": 1440, "start": now - 86400, "series": chart_series}}
+                  "chart": {"bucket_minutes": overview.BUCKET_MINUTES, "start": now - 86400,
+                            "series": chart_series}}
         self._overview_cache = (now, result)
         return result
 

@@ -1,6 +1,7 @@
 """The overview's per-tenant chart, drawn on the server as inline SVG (no script, no image
-request): received, delivered and failed per minute over the last day, so "acme stopped
-delivering at 02:14" shows as a green line that drops to zero while grey goes on."""
+request): received, delivered and failed per 5 minutes over the last day
+(``overview.BUCKET_MINUTES``), so "acme stopped delivering at 02:14" shows as a green line
+that drops to zero while grey goes on."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from datetime import UTC, datetime
 
 from markupsafe import Markup, escape
 
+from rilla_bridge.history.overview import BUCKET_MINUTES
+
 WIDTH, HEIGHT, PAD = 720, 120, 18
 SERIES = (("received", "#8a8f98"), ("delivered", "#1f9d55"), ("failed", "#d93025"))
-BUCKET = 5   # minutes per drawn point: 288 points a line, the shape a person reads
+BUCKET = BUCKET_MINUTES
 
 
 def _points(values: list[int], top: int) -> str:
@@ -23,13 +26,9 @@ def _points(values: list[int], top: int) -> str:
     return " ".join(out)
 
 
-def _buckets(values: list[int]) -> list[int]:
-    return [sum(values[i:i + BUCKET]) for i in range(0, len(values), BUCKET)]
-
-
 def chart_svg(tenant: str, series: dict[str, list[int]], start: float) -> Markup:
     """One tenant's chart; ``series`` as ``overview.per_minute`` returns it."""
-    lines = {name: _buckets(series.get(name) or []) for name, _ in SERIES}
+    lines = {name: list(series.get(name) or []) for name, _ in SERIES}
     top = max([1, *(max(v or [0]) for v in lines.values())])
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
              f'aria-label="{escape(tenant)}: events per {BUCKET} minutes over 24 hours">',
