@@ -14,12 +14,18 @@ history process). Then, against the real web process (granian) on that database:
    seconds; and while one walks through them without any pause (a worst case no person
    reaches): p50 / p99 of the 202s (target: p99 within 10 % of quiet).
 
-Not measured here (see README): the paced bulk replay of 10,000 dead letters with live
-delivery latency beside it.
+3. **bulk replay** (``--replay N``): the seed makes exactly N dead letters ``rilla_rejected``;
+   the Rilla sandbox, two workers, the scheduler (whose job thread runs bulk jobs) and the
+   history process start; 20 webhooks/s of another tenant are delivered for
+   ``--live-seconds`` (quiet), then a replay of the N is planned and confirmed through the
+   admin API and the same live run repeats beside it: how long the job and the deliveries
+   take against N / ``--bulk-rate``, and the live deliveries' p50 / p99 (sandbox
+   ``created_at`` minus the POST), quiet and during (target: p99 under twice quiet).
 
-Loopback only; the database is dropped and the Redis db flushed at the end.
+Loopback only; the database is dropped and the Redis db flushed at the end (the processes'
+logs are kept in ``bench/results/console-logs/``).
 
-    .venv/bin/python -m bench.console --events 200000 --dead 20000
+    .venv/bin/python -m bench.console --events 200000 --dead 20000 --replay 10000
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import requests
 import sqlalchemy as sa
 
 from bench.common import (
+    DEFAULT_REDIS,
     RESULTS,
     BodyFactory,
     flush,
@@ -455,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--think", type=float, default=1.0,
                    help="seconds an operator spends on a page (the second intake run)")
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/10")
+    p.add_argument("--redis", default=DEFAULT_REDIS, help="a Redis db this run may flush")
     p.add_argument("--web-workers", type=int, default=2)
     p.add_argument("--replay", type=int, default=0,
                    help="dead letters to replay in bulk (0: skip that stage)")
