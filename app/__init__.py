@@ -7,6 +7,7 @@ Flask serves the other views (``app.views``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response
@@ -21,26 +22,32 @@ from rilla_bridge.history.db import make_engine
 from rilla_bridge.lifecycle import make_lifecycle
 from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
 from rilla_bridge.operations import Operations
+from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.redis_conn import make_redis, single_connection, warn_unless_noeviction
 from rilla_bridge.settings import Settings
-from rilla_bridge.tenants import Tenant, load_tenants
+from rilla_bridge.tenant_config import TenantsReloader, live_tenants
+from rilla_bridge.tenants import Tenant
 
 log = logging.getLogger("rilla_bridge.web")
 
 
 def create_app(
     settings: Settings | None = None,
-    tenants: dict[str, Tenant] | None = None,
+    tenants: Mapping[str, Tenant] | None = None,
     redis_client: Any = None,
     clock: Clock | None = None,
     engine: Engine | None = None,
 ) -> Flask:
     """The web app. Tests pass settings, tenants, a (fake) Redis client, a clock and the
     history database's engine (else one is made from ``DATABASE_URL`` on the first console
-    or admin API request)."""
+    or admin API request). Without ``tenants`` the configuration is the settings'
+    (TENANTS_TOML or TENANTS_FILE), and a changed tenants file is picked up without a
+    restart (``rilla_bridge.tenant_config``)."""
     settings = settings or Settings.from_env()
-    tenants = load_tenants(settings.tenants_file) if tenants is None else tenants
     setup_logging()
+    live = live_tenants(settings) if tenants is None else None
+    tenants = live if live is not None else tenants
+    assert tenants is not None
     register_secrets(s for t in tenants.values() for s in t.secrets())
     init_sentry(settings.sentry_dsn, environment=settings.environment, component="web")
     client = redis_client if redis_client is not None else make_redis(settings)
@@ -62,6 +69,9 @@ def create_app(
         RB_LIFECYCLE=lifecycle,
         RB_MAKE_OPERATIONS=make_operations,
         RB_PUBLIC_URL=settings.public_url,
+        RB_TRUST_FORWARDED_FOR=settings.trust_forwarded_for,
+        # /metrics reads each CallRail account's budget through the guard's own script.
+        RB_QUOTA=QuotaGuard.from_settings(settings, client, lifecycle.scripts, clock),
         MAX_CONTENT_LENGTH=None,  # the front door enforces the limit on webhooks, streaming
     )
     # "//" in a URL is a wrong URL (404), not a 308 redirect a sender might not follow.
@@ -71,8 +81,11 @@ def create_app(
     app.register_blueprint(admin_api.bp)
     console.install(app, settings)
     intake = Intake(tenants, lifecycle, settings)
+    if live is not None:
+        TenantsReloader(settings, live, clock or SystemClock(), client=client,
+                        process="web").start()
     app.wsgi_app = FrontDoor(  # type: ignore[method-assign]
-        app.wsgi_app, intake, settings.max_body_bytes)
+        app.wsgi_app, intake, settings.max_body_bytes, settings.trust_forwarded_for)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

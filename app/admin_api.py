@@ -134,11 +134,12 @@ def cancel_job(job_id: str) -> Response:
 
 
 def retries() -> Response:
-    return _json({"retries": admin.operations().retries(admin.limit(request.args, 100))})
+    return _json({"retries": admin.operations().retries(
+        request.args.get("tenant") or None, limit=admin.limit(request.args, 100))})
 
 
 def retry_now(event_id: str) -> Response:
-    if not admin.operations().retry_now(event_id, actor()):
+    if not admin.operations().retry_event_now(event_id, actor()):
         return error(409, f"{event_id} is not waiting for a retry")
     return _json({"event": event_id, "result": "queued now"})
 
@@ -228,7 +229,7 @@ ROUTES = (
           "(replays at BULK_RATE_PER_SECOND)", action=True),
     Route("POST", "/jobs/{job_id}/cancel", cancel_job, "Cancel a job (a running one stops "
           "before its next event)", action=True),
-    Route("GET", "/retries", retries, "Scheduled retries, soonest first", ("limit",)),
+    Route("GET", "/retries", retries, "Scheduled retries, soonest first", ("tenant", "limit")),
     Route("POST", "/retries/{event_id}/retry-now", retry_now, "Retry now", action=True),
     Route("GET", "/tenants", tenants, "Tenants: webhook URLs (token masked), masked secrets, "
           "last webhook per source, success rate, CallRail budget, pause"),

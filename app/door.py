@@ -90,6 +90,18 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes | None:
     return None if total > limit else b"".join(chunks)
 
 
+def client_address(environ: dict[str, Any], trust_forwarded_for: bool) -> str:
+    """The client's address: the connection's peer, or behind a proxy that appends the peer
+    it saw to ``X-Forwarded-For`` (Heroku's router), that header's last entry (the entries
+    before it are whatever the client wrote)."""
+    if trust_forwarded_for:
+        forwarded: str = environ.get("HTTP_X_FORWARDED_FOR", "")
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if last:
+            return last[:64]
+    return str(environ.get("REMOTE_ADDR") or "")
+
+
 def _query(environ: dict[str, Any]) -> dict[str, list[str]]:
     qs = environ.get("QUERY_STRING")
     return parse_qs(qs, keep_blank_values=True) if qs else {}
@@ -99,10 +111,11 @@ class FrontDoor:
     """WSGI middleware in front of the Flask app (see the module docstring)."""
 
     def __init__(self, wsgi_app: Callable[..., Iterable[bytes]], intake: Intake,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, trust_forwarded_for: bool = False) -> None:
         self.wsgi_app = wsgi_app
         self.intake = intake
         self.max_body_bytes = max_body_bytes
+        self.trust_forwarded_for = trust_forwarded_for
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
@@ -143,7 +156,8 @@ class FrontDoor:
             return Reply(413, error_body(f"body over {limit} bytes"), (("Connection", "close"),))
         return self.intake.handle(WebhookRequest(
             source=source, tenant=tenant, body=body, query=_query(environ),
-            signature=environ.get("HTTP_SIGNATURE")))
+            signature=environ.get("HTTP_SIGNATURE"),
+            client=client_address(environ, self.trust_forwarded_for)))
 
     @staticmethod
     def _observe(environ: dict[str, Any], webhook: tuple[str, Reply] | None, status: int,

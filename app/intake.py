@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from rilla_bridge import keys
 from rilla_bridge.jsonbody import parse_object
 from rilla_bridge.lifecycle import IntakeLimit, Lifecycle
 from rilla_bridge.providers import callingly, callrail
@@ -24,6 +26,7 @@ from rilla_bridge.tenants import Tenant
 
 log = logging.getLogger("rilla_bridge.web")
 RETRY_AFTER_SECONDS = "5"
+AUTH_WINDOW_SECONDS = 60
 Headers = tuple[tuple[str, str], ...]
 _RETRY: Headers = (("Retry-After", RETRY_AFTER_SECONDS),)
 
@@ -37,6 +40,7 @@ class WebhookRequest:
     body: bytes
     query: dict[str, list[str]] = field(default_factory=dict)
     signature: str | None = None     # CallRail's ``Signature`` header
+    client: str = ""                 # the client's address (see ``door.client_address``)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def error_body(message: str) -> bytes:
 class Intake:
     """Answers webhook requests for the tenants it was given, storing through ``lifecycle``."""
 
-    def __init__(self, tenants: dict[str, Tenant], lifecycle: Lifecycle,
+    def __init__(self, tenants: Mapping[str, Tenant], lifecycle: Lifecycle,
                  settings: Settings) -> None:
         self.tenants = tenants
         self.lifecycle = lifecycle
@@ -74,6 +78,27 @@ class Intake:
         return Reply(429, error_body("tenant over its intake limit; retry later"),
                      (("Retry-After", str(wait)),), tenant=slug)
 
+    def _unauthorized(self, req: WebhookRequest, message: str) -> Reply:
+        """401, counted against the client's address; past ``AUTH_FAILURES_PER_MINUTE`` in
+        the address's minute, 429 with the seconds left of it (guessing a secret is slowed;
+        a valid webhook from the same address never comes here, so it is never held)."""
+        limit = self.settings.auth_failures_per_minute
+        if limit and req.client:
+            key = keys.auth_failures(req.client)
+            try:
+                with self.lifecycle.redis.pipeline(transaction=True) as pipe:
+                    pipe.incr(key)
+                    pipe.expire(key, AUTH_WINDOW_SECONDS, nx=True)
+                    pipe.ttl(key)
+                    failures, _, ttl = pipe.execute()
+            except redis.RedisError:
+                failures = 0   # a full or absent Redis: the plain 401, never an error
+            if int(failures) > limit:
+                return Reply(429, error_body("too many failed signatures or tokens from this "
+                                             "address; retry later"),
+                             (("Retry-After", str(max(1, int(ttl)))),), tenant=req.tenant)
+        return Reply(401, error_body(message), tenant=req.tenant)
+
     def handle(self, req: WebhookRequest) -> Reply:
         tenant = self.tenants.get(req.tenant)
         if tenant is None:
@@ -83,7 +108,7 @@ class Intake:
             if tenant.callrail is None:
                 return Reply(404, error_body("tenant has no CallRail configuration"), tenant=slug)
             if not callrail.signature_ok(tenant.callrail.signing_keys, req.body, req.signature):
-                return Reply(401, error_body("missing or invalid Signature"), tenant=slug)
+                return self._unauthorized(req, "missing or invalid Signature")
             provider: Any = callrail
         else:
             if tenant.callingly is None:
@@ -91,7 +116,7 @@ class Intake:
                              tenant=slug)
             if not callingly.token_ok(tenant.callingly.webhook_tokens,
                                       req.query.get("token", [None])[0]):
-                return Reply(401, error_body("missing or invalid token"), tenant=slug)
+                return self._unauthorized(req, "missing or invalid token")
             provider = callingly
         limit = self._limit(tenant)
         kinds: frozenset[str] = provider.KINDS

@@ -34,6 +34,7 @@ from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
 from rilla_bridge.clock import Clock, SystemClock
 from rilla_bridge.lifecycle import LATENCY_BUCKETS
+from rilla_bridge.quota import QuotaGuard
 
 WEBHOOKS = Counter(
     "rilla_bridge_webhooks_total", "Webhook requests by source, tenant and reply code",
@@ -58,10 +59,11 @@ class RedisStateCollector(Collector):
     runs and retries, and the age of its oldest unfinished event."""
 
     def __init__(self, client: redis.Redis, tenants: Iterable[str] = (),
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, quota: QuotaGuard | None = None) -> None:
         self.redis = client
         self.tenants = set(tenants)
         self.clock = clock or SystemClock()
+        self.quota = quota
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         now = self.clock.now()
@@ -74,6 +76,7 @@ class RedisStateCollector(Collector):
                 pipe.llen(QUEUE_CALLRAIL)
                 pipe.hgetall(keys.STATS)
                 pipe.smembers(keys.PAUSED)
+                pipe.hgetall(keys.LAST_WEBHOOK)
                 for t in tenants:
                     pipe.zcard(keys.open_events(t))
                     pipe.zrange(keys.open_events(t), 0, 0, withscores=True)
@@ -82,7 +85,7 @@ class RedisStateCollector(Collector):
                     pipe.zcount(keys.inflight(t), int(now * 1000), "+inf")
                     pipe.zcard(keys.retry(t))
                     pipe.zcard(keys.bulk_retry(t))
-                q_events, q_callrail, stats, paused, *per = pipe.execute()
+                q_events, q_callrail, stats, paused, last_seen, *per = pipe.execute()
             try:
                 memory = self.redis.info("memory")
             except redis.ResponseError:
@@ -131,7 +134,46 @@ class RedisStateCollector(Collector):
             retrying.add_metric([t], r_live + r_bulk)
             paused_g.add_metric([t], 1 if t in paused_names else 0)
         yield from (oldest, undelivered, waiting, inflight, retrying, paused_g)
+        yield last_webhook(last_seen, set(tenants))
         yield from worker_counters(stats)
+        if self.quota is not None:
+            try:
+                budget = list(callrail_budget(self.quota))
+            except redis.RedisError:
+                budget = []   # the other families are still good
+            yield from budget
+
+
+def last_webhook(last_seen: dict[Any, Any], tenants: set[str]) -> GaugeMetricFamily:
+    """When each tenant's last webhook of each source was taken (``rb:last_webhook``, written
+    by the intake script); a tenant silent for unusually long has a webhook switched off."""
+    gauge = _gauge("rilla_bridge_last_webhook_timestamp_seconds",
+                   "When the tenant's last webhook from this source was taken (Unix time)",
+                   ["tenant", "source"])
+    for raw, value in sorted(last_seen.items()):
+        tenant, _, source = _text(raw).rpartition("|")
+        if tenant in tenants:   # a tenant removed from the tenants file is no longer reported
+            gauge.add_metric([tenant, source], float(value))
+    return gauge
+
+
+def callrail_budget(quota: QuotaGuard) -> Iterator[GaugeMetricFamily]:
+    """Each CallRail account's requests used in the rolling hour and day against its limits
+    (the quota guard's own count, shared by every process)."""
+    used = _gauge("rilla_bridge_callrail_requests_used",
+                  "CallRail API requests counted against the account in the rolling window",
+                  ["account", "window"])
+    limit = _gauge("rilla_bridge_callrail_requests_limit",
+                   "CallRail API requests the account may make in the window",
+                   ["account", "window"])
+    for account in quota.accounts_known():
+        status = quota.status(account)
+        for window in ("hour", "day"):
+            used.add_metric([account, window], float(status[f"{window}_used"]))
+        limit.add_metric([account, "hour"], float(status["hourly_limit"]))
+        limit.add_metric([account, "day"], float(status["daily_limit"]))
+    yield used
+    yield limit
 
 
 def worker_counters(stats: dict[Any, Any]) -> Iterator[Any]:
@@ -172,18 +214,19 @@ def worker_counters(stats: dict[Any, Any]) -> Iterator[Any]:
     yield latency
 
 
-def render(client: redis.Redis, tenants: Iterable[str] = ()) -> tuple[bytes, str]:
+def render(client: redis.Redis, tenants: Iterable[str] = (),
+           quota: QuotaGuard | None = None) -> tuple[bytes, str]:
     registry = CollectorRegistry()
+    state = RedisStateCollector(client, tenants, quota=quota)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry)
     else:
         from prometheus_client import REGISTRY
 
         registry = REGISTRY  # single process (tests, flask run): the default registry
-        data = generate_latest(registry) + generate_latest(
-            _one(RedisStateCollector(client, tenants)))
+        data = generate_latest(registry) + generate_latest(_one(state))
         return data, CONTENT_TYPE_LATEST
-    registry.register(RedisStateCollector(client, tenants))
+    registry.register(state)
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

@@ -59,5 +59,6 @@ def metrics_view() -> Response:
         return error(401, "metrics need Authorization: Bearer <ADMIN_TOKEN>",
                      {"WWW-Authenticate": "Bearer"})
     data, content_type = metrics.render(current_app.config["RB_REDIS"],
-                                        current_app.config["RB_TENANTS"])
+                                        current_app.config["RB_TENANTS"],
+                                        current_app.config.get("RB_QUOTA"))
     return Response(data, content_type=content_type)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import secrets
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,9 @@ FIXTURE = ROOT / "tests" / "fixtures" / "callrail" / "post_call.json"
 ACME_SIGNING_KEY = "acme-signing-key-0001"   # tests/system.py TENANTS
 ACME_RILLA_KEY = "acme-rilla-key-000001"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
+# A benchmark's one tenant posts far above a production tenant's intake limit (200/s): lift
+# it, or most of the load would be answered 429 without being stored.
+NO_INTAKE_LIMIT = {"TENANT_INTAKE_PER_SECOND": "1000000", "TENANT_INTAKE_MIB_PER_MINUTE": "1000000"}
 
 
 def rerun_command() -> str:
@@ -121,3 +127,23 @@ def teardown(sysm: Any, redis_url: str) -> None:
     sysm.stop()
     shutil.rmtree(sysm.workdir, ignore_errors=True)
     flush(redis_url)
+
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@contextlib.contextmanager
+def throwaway_postgres(admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database (``rb_bench_<random>``), dropped after."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"rb_bench_{secrets.token_hex(4)}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

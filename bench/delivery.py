@@ -39,6 +39,7 @@ from bench import baseline_celery
 from bench.common import (
     ACME_RILLA_KEY,
     DEFAULT_REDIS,
+    NO_INTAKE_LIMIT,
     ROOT,
     BodyFactory,
     cpu_seconds,
@@ -48,6 +49,7 @@ from bench.common import (
     rerun_command,
     table,
     teardown,
+    throwaway_postgres,
     write_results,
 )
 from rilla_bridge.celery_messages import task_message
@@ -137,9 +139,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- runs ------------------------------------------------------------------------------------
-def make_system(args: argparse.Namespace, latency_ms: int) -> System:
-    env = {"TENANT_MAX_INFLIGHT": str(args.tenant_max_inflight)} if args.tenant_max_inflight else {}
-    sysm = System(redis_url=args.redis, env_extra=env)
+def make_system(args: argparse.Namespace, latency_ms: int, database_url: str = "") -> System:
+    env = dict(NO_INTAKE_LIMIT)
+    if args.tenant_max_inflight:
+        env["TENANT_MAX_INFLIGHT"] = str(args.tenant_max_inflight)
+    sysm = System(redis_url=args.redis, env_extra=env, database_url=database_url)
     sysm.start_rilla_sandbox(ACME_RILLA_KEY, latency_ms=latency_ms)
     return sysm
 
@@ -152,12 +156,23 @@ def start_workers(sysm: System, args: argparse.Namespace) -> tuple[float, list[i
 
 
 def run_ours(args: argparse.Namespace, latency_ms: int, steady: bool) -> dict[str, Any]:
+    if args.database == "postgresql":
+        with throwaway_postgres() as url:
+            return _run_ours(args, latency_ms, steady, url)
+    return _run_ours(args, latency_ms, steady, "")
+
+
+def _run_ours(args: argparse.Namespace, latency_ms: int, steady: bool,
+              database_url: str) -> dict[str, Any]:
     flush(args.redis)
-    sysm = make_system(args, latency_ms)
-    out: dict[str, Any] = {"pipeline": "rilla-bridge", "latency_ms": latency_ms, "n": args.events}
+    sysm = make_system(args, latency_ms, database_url)
+    out: dict[str, Any] = {"pipeline": "rilla-bridge", "latency_ms": latency_ms, "n": args.events,
+                           "database": args.database}
     try:
         sysm.start_web(workers=args.web_workers)
         sysm.start_scheduler()   # re-queues events that met a busy call or the tenant cap
+        if args.database != "none":
+            sysm.start_history()   # the history process writes every event to SQL meanwhile
         poster = Poster(sysm.web)
         out["post_seconds"] = round(poster.burst(0, args.events), 2)
         out["post_codes"] = dict(poster.codes)
@@ -313,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=200, help="steady rate for the latency run")
     p.add_argument("--steady-seconds", type=float, default=30)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--database", choices=["postgresql", "sqlite", "none"], default="postgresql",
+                   help="where the history process writes (none: no history process; the "
+                        "records wait in Redis)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--memory", action="store_true", help="the long RSS run instead")
     p.add_argument("--memory-events", type=int, default=100000)

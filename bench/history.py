@@ -31,18 +31,19 @@ import sqlalchemy as sa
 from bench.common import (
     ACME_RILLA_KEY,
     DEFAULT_REDIS,
+    NO_INTAKE_LIMIT,
     BodyFactory,
     flush,
     machine,
     rerun_command,
     table,
     teardown,
+    throwaway_postgres,
     write_results,
 )
 from bench.delivery import Poster, pct
 from tests.system import System
 
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TABLES = ("events", "timeline", "calls", "dead_letters", "audit_log")
 
 
@@ -74,12 +75,12 @@ class HistoryWatch:
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     flush(args.redis)
     client = redis.Redis.from_url(args.redis)
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"rb_bench_{secrets.token_hex(4)}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    sysm = System(redis_url=args.redis, database_url=url)
+    with throwaway_postgres() as url:
+        return _measure(args, client, url)
+
+
+def _measure(args: argparse.Namespace, client: redis.Redis, url: str) -> dict[str, Any]:
+    sysm = System(redis_url=args.redis, database_url=url, env_extra=dict(NO_INTAKE_LIMIT))
     watch = HistoryWatch(url)
     try:
         sysm.start_rilla_sandbox(ACME_RILLA_KEY, latency_ms=args.latency_ms, wait=False)
@@ -99,6 +100,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             poster.burst(start, min(5000, args.events - start))
             print(f"  posted {min(start + 5000, args.events)} / {args.events}", flush=True)
         accepted = poster.codes.get(202, 0)
+        print(f"  answers: {dict(poster.codes)}", flush=True)
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             ok = int(sysm.sandbox("stats")["by_status"].get("200", 0))
@@ -122,7 +124,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         # them through the history rows' call ids.
         with watch.engine.connect() as conn:
             ids: dict[str, str] = dict(
-                conn.execute(sa.text("SELECT id, call_id FROM events")).tuples().all())
+                conn.execute(sa.text("SELECT id, call_id FROM events")).all())
         for eid, seen_at in watch.seen.items():
             rilla_id = f"callrail-{ids.get(eid)}"
             if rilla_id in created and rilla_id in by_call:
@@ -144,9 +146,6 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         watch.stop.set()
         watch.engine.dispose()
         teardown(sysm, args.redis)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def main() -> None:

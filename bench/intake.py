@@ -39,6 +39,7 @@ import requests
 
 from bench.common import (
     DEFAULT_REDIS,
+    NO_INTAKE_LIMIT,
     ROOT,
     BodyFactory,
     flush,
@@ -196,7 +197,7 @@ def run_app(label: str, cfg: dict[str, Any], bodies: Path, args: argparse.Namesp
         wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok,
                  what="baseline web")
     else:
-        sysm = System(redis_url=args.redis)
+        sysm = System(redis_url=args.redis, env_extra=dict(NO_INTAKE_LIMIT))
         sysm.start_web(workers=server["workers"], threads=server["threads"],
                        server="granian" if server["worker_class"] == "granian" else "gunicorn")
         port = sysm.web_port

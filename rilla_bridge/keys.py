@@ -26,14 +26,18 @@ Shared:
 - ``rb:seen:{generation}``   bitmap: Bloom filter of calls whose state was handed to history
 - ``rb:replayed:{id}``       a dead letter replayed recently (a second replay is refused)
 - ``rb:stats``               hash: outcome counters for /metrics
+- ``rb:last_webhook``        hash: ``tenant|source`` -> when its last webhook was taken (s)
 - ``rb:limit:{t}``           hash: the tenant's intake token buckets (events, bytes)
 - ``rb:readyz``              what /readyz writes to see that Redis takes writes
+- ``rb:authfail:{address}``  failed signatures or tokens from one client address this minute
 - ``rb:cr:*``                CallRail quota guard (layout in ``rilla_bridge.quota``), and
                              ``rb:cr:lookups:{t}:{hour}``: a tenant's recording lookups
 - ``rb:run:{id}``            hash: progress of one reconciliation or backfill run
 - ``rb:recon:{tenant}``      lease: the tenant's last reconciliation start
 - ``rb:sched:{job}``         lease: which scheduler copy runs a periodic job this tick
 - ``rb:signin:{address}``    failed console sign-ins from one client address (expires)
+- ``rb:config:processes``    hash: process@host:pid -> the tenants configuration version it
+                             runs, stamped (``rilla_bridge.tenant_config``)
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ BULK_BUCKET = "rb:bulk"
 HISTORY = "rb:history"
 HISTORY_GROUP = "history"
 STATS = "rb:stats"
+LAST_WEBHOOK = "rb:last_webhook"
 READY_PROBE = "rb:readyz"
 QUOTA_PREFIX = "rb:cr"
+CONFIG_PROCESSES = "rb:config:processes"
 
 
 def event(event_id: str) -> str:
@@ -75,6 +81,10 @@ def bulk_retry(tenant: str) -> str:
 
 def open_events(tenant: str) -> str:
     return f"rb:open:{tenant}"
+
+
+def auth_failures(address: str) -> str:
+    return f"rb:authfail:{address}"
 
 
 def intake_limit(tenant: str) -> str:

@@ -13,3 +13,9 @@ from rilla_bridge.scripts import Scripts
 def take(scripts: Scripts, clock: Clock, key: str, owner: str, seconds: float) -> bool:
     """Take the lease ``key`` for ``seconds`` unless another holder's is still running."""
     return bool(scripts.lease(keys=[key], args=[owner, ms(clock.now()), max(1, ms(seconds))]))
+
+
+def release(scripts: Scripts, key: str, owner: str) -> bool:
+    """Give the lease ``key`` up now if ``owner`` holds it (a stopping scheduler copy), so
+    another copy takes it at its next tick rather than when it lapses."""
+    return bool(scripts.release(keys=[key], args=[owner]))

@@ -210,7 +210,7 @@ class Lifecycle:
         client = self._intake_client() if self._intake_client else None
         script_keys = [keys.dedup(dedup_digest(source, tenant, body)), keys.event(event_id),
                        keys.HISTORY, keys.open_events(tenant), keys.TENANTS,
-                       keys.intake_limit(tenant), *self.lanes.keys(tenant)]
+                       keys.intake_limit(tenant), keys.LAST_WEBHOOK, *self.lanes.keys(tenant)]
         args = [event_id, self.dedup_window, ms(now), repr(now), source, kind, call_id or "",
                 body if keep else b"", "1" if keep else "0", lane, rec,
                 repr(limit[0]) if limit else "", repr(limit[1]) if limit else "", len(body),
@@ -368,6 +368,20 @@ class Lifecycle:
             args=[event_id, ms(now), dead["source"], dead["kind"], dead.get("call_id") or "",
                   repr(float(dead["received_at"])), body, records.encode(step),
                   records.encode(handled), REPLAY_MARKER_SECONDS, *self.lanes.args(tenant)]))
+
+    def hand_back(self, event_id: str, tenant: str, run: str, reason: str, *,
+                  lock_key: str = NONE_KEY, lock_token: str = "") -> bool:
+        """The run ``run`` of an in-flight event stops before it settled (its worker shuts
+        down, its time limit): the event goes back to the head of its tenant's lane and is
+        dispatched again at once, its slot and the call's lock freed, without waiting for its
+        lease to lapse. False when the run no longer holds it (settled, or lapsed already)."""
+        now = self.clock.now()
+        step = {"id": event_id, "at": now, "status": str(Status.QUEUED), "set": {},
+                "tl": [self.entry("requeued", reason=reason)]}
+        return bool(self.scripts.handback(
+            keys=[keys.event(event_id), keys.HISTORY, lock_key, *self.lanes.keys(tenant)],
+            args=[event_id, ms(now), run, lock_token, records.encode(step),
+                  *self.lanes.args(tenant)]))
 
     # -- operators ---------------------------------------------------------------------
     def delete_dead_letters(self, event_ids: list[str], actor: str) -> int:

@@ -23,6 +23,7 @@ FILTERED = "[Filtered]"
 
 
 _encode = json.JSONEncoder(default=str).encode   # one encoder, not one per line
+_RAW = (bytes, bytearray, memoryview)
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,7 +47,7 @@ class JsonFormatter(logging.Formatter):
         }
         for k, v in record.__dict__.items():
             if k not in self._skip and not k.startswith("_"):
-                out[k] = v
+                out[k] = FILTERED if isinstance(v, _RAW) else v   # raw bytes: a body
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return redact_text(_encode(out))
@@ -96,10 +97,21 @@ def scrub(value: Any, key: str = "") -> Any:
         return [scrub(v) for v in value]
     if isinstance(value, str):
         return redact_text(value)
+    if isinstance(value, _RAW):
+        # Raw bytes are bodies (a webhook's, an API's answer): never sent, whatever the key.
+        return FILTERED
     return value
 
 
 def _before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+    # Sentry has already turned bytes into text here; the log record still has them: an
+    # ``extra=`` field holding raw bytes is a body, whatever its name.
+    record = hint.get("log_record")
+    extra = event.get("extra")
+    if isinstance(record, logging.LogRecord) and isinstance(extra, dict):
+        for k, v in vars(record).items():
+            if isinstance(v, _RAW) and k in extra:
+                extra[k] = FILTERED
     request = event.get("request")
     if isinstance(request, dict):
         # Raw webhook bodies and query strings (Callingly's token) never leave the process.

@@ -20,10 +20,12 @@ from rilla_bridge import jobs, keys
 from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
 from rilla_bridge.clock import Clock
 from rilla_bridge.history import overview, queries
-from rilla_bridge.history.db import reading
-from rilla_bridge.history.models import dead_letters, events
-from rilla_bridge.lifecycle import Lifecycle, make_lifecycle
+from rilla_bridge.history.db import reading, writing
+from rilla_bridge.history.models import calls as call_states
+from rilla_bridge.history.models import dead_letters, events, timeline
+from rilla_bridge.lifecycle import Lifecycle, dedup_digest, make_lifecycle
 from rilla_bridge.observability import FILTERED, redact_text
+from rilla_bridge.providers import SOURCES
 from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import Tenant, mask
@@ -123,6 +125,27 @@ class Operations:
         while self.redis.llen(keys.bulk_lane(tenant)) >= ahead:
             time.sleep(0.2)
 
+    def outcome(self, event_id: str, since: float) -> tuple[str, str]:
+        """Where an event run again at ``since`` stands: ``pending`` (in progress, or history
+        not written yet), ``delivered``, ``skipped`` or ``dead`` (failed again), with the
+        reason."""
+        if self.redis.exists(keys.event(event_id)):
+            return "pending", ""
+        with reading(self.engine, 10.0) as conn:
+            found = queries.event(conn, event_id)
+        if found is None:
+            return "pending", ""
+        status = str(found["event"].get("status") or "")
+        reason = str(found["event"].get("reason") or "")
+        if status in ("delivered", "skipped"):
+            return status, reason
+        again = [d for d in found.get("dead_letters") or []
+                 if d.get("handled_at") is None and float(d.get("failed_at") or 0) >= since]
+        if again:
+            d = again[-1]
+            return "dead", f"{d.get('reason_code')}: {d.get('reason')}"
+        return "pending", ""
+
     def delete(self, event_ids: Iterable[str], actor: str, job: str | None = None
                ) -> BulkResult:
         """Close dead letters without running them (history keeps the events)."""
@@ -156,13 +179,167 @@ class Operations:
                              0 if what.startswith(("already", "its", "refused")) else 1, what)
         return what
 
-    def retry_now(self, event_id: str, actor: str) -> bool:
-        """A scheduled retry goes to the head of its tenant's lane now."""
+    def retry_event_now(self, event_id: str, actor: str) -> bool:
+        """One scheduled retry goes to the head of its tenant's lane now."""
         tenant = self.redis.hget(keys.event(event_id), "tenant")
         done = tenant is not None and self.lifecycle.requeue(
             event_id, _text(tenant), f"retry now by {actor}")
         self.lifecycle.audit(actor, "retry.now", {"ids": [event_id]}, int(done))
         return bool(done)
+
+    # -- waiting retries ---------------------------------------------------------------------
+    def retries(self, tenant: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events waiting in a retry set, soonest due first: id, tenant, lane (live/bulk),
+        due_at, attempts, kind, source, last status."""
+        sets = [(t, lane, key) for t in self._tenants(tenant)
+                for lane, key in (("live", keys.retry(t)), ("bulk", keys.bulk_retry(t)))]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _, _, key in sets:
+                pipe.zrange(key, 0, limit - 1, withscores=True)
+            replies = pipe.execute()
+        rows: list[dict[str, Any]] = [
+            {"id": _text(eid), "tenant": t, "lane": lane, "due_at": float(due)}
+            for (t, lane, _), got in zip(sets, replies, strict=True) for eid, due in got]
+        rows.sort(key=lambda r: float(r["due_at"]))
+        rows = rows[:limit]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for r in rows:
+                pipe.hmget(keys.event(r["id"]), "attempts", "kind", "source", "status")
+            details = pipe.execute()
+        for r, (attempts, kind, source, status) in zip(rows, details, strict=True):
+            r.update(attempts=int(attempts or 0), kind=_text(kind or b""),
+                     source=_text(source or b""), status=_text(status or b""))
+        return rows
+
+    def retry_now(self, actor: str, tenant: str | None = None, *, rate: float | None = None,
+                  progress: Callable[[int], None] | None = None) -> BulkResult:
+        """Every waiting retry (of ``tenant``, or all) goes back to the head of its lane now,
+        at most ``rate`` a second (default BULK_RATE_PER_SECOND), so a Rilla that just came
+        back is not hit by the whole backlog at once; the lanes' slots and turns pace the
+        rest. Audit-logged."""
+        rate = rate or self.settings.bulk_rate_per_second
+        out = BulkResult()
+        waiting = self.retries(tenant, limit=1_000_000)
+        started = self.clock.now()
+        for n, r in enumerate(waiting, 1):
+            ahead = started + (n - 1) / rate - self.clock.now()
+            if ahead > 0:
+                self.clock.sleep(ahead)
+            if self.lifecycle.requeue(r["id"], r["tenant"], f"retry now ({actor})"):
+                out.done += 1
+            else:
+                out.left.append((r["id"], "no longer waiting (ran or finished meanwhile)"))
+            if progress:
+                progress(n)
+        self.lifecycle.audit(actor, "retries.now", {"tenant": tenant, "count": len(waiting)},
+                             out.done)
+        return out
+
+    # -- offboarding -------------------------------------------------------------------------
+    def purge(self, tenant: str, actor: str, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove everything stored about ``tenant``: in Redis its lanes, retries, slots, events
+        in progress (raw bodies), call states and locks, dedup keys (found from the bodies of
+        its recent events: no SCAN of the keyspace), intake buckets; in SQL its events with
+        their timelines, dead letters (open or not) and call states. Returns counts; with
+        ``dry_run`` only counts. The audit log keeps a line saying it happened."""
+        counts = self._purge_redis(tenant, dry_run)
+        counts.update(self._purge_sql(tenant, dry_run))
+        if not dry_run:
+            self.lifecycle.audit(actor, "tenants.purge", {"tenant": tenant},
+                                 counts["sql_events"], detail=" ".join(
+                                     f"{k}={v}" for k, v in sorted(counts.items())))
+        return counts
+
+    def _purge_redis(self, tenant: str, dry_run: bool) -> dict[str, int]:
+        r = self.redis
+        ids = [_text(i) for i in r.zrange(keys.open_events(tenant), 0, -1)]
+        for key in (keys.lane(tenant), keys.bulk_lane(tenant)):
+            ids += [_text(i) for i in r.lrange(key, 0, -1)]
+        for key in (keys.retry(tenant), keys.bulk_retry(tenant), keys.inflight(tenant)):
+            ids += [_text(i) for i in r.zrange(key, 0, -1)]
+        ids = sorted(set(ids))
+        with r.pipeline(transaction=False) as pipe:
+            for eid in ids:
+                pipe.hmget(keys.event(eid), "source", "call_id", "body")
+            live = [(eid, *row) for eid, row in zip(ids, pipe.execute(), strict=True)
+                    if row[0] is not None]
+        bodies = [(_text(src), bytes(body)) for _, src, _, body in live if body]
+        calls = {(_text(src), _text(cid)) for _, src, cid, _ in live if cid}
+        since = self.clock.now() - self.settings.dedup_window_seconds
+        with reading(self.engine, 60.0) as conn:
+            bodies += [(str(row.source), bytes(row.body)) for row in conn.execute(
+                sa.select(events.c.source, events.c.body).where(
+                    events.c.tenant == tenant, events.c.received_at >= since,
+                    events.c.body.is_not(None)))]
+            calls |= {(str(row.source), str(row.call_id)) for row in conn.execute(
+                sa.select(events.c.source, events.c.call_id).distinct().where(
+                    events.c.tenant == tenant, events.c.call_id.is_not(None)))}
+            calls |= {(str(row.source), str(row.call_id)) for row in conn.execute(
+                sa.select(call_states.c.source, call_states.c.call_id).where(
+                    call_states.c.tenant == tenant))}
+        groups = {
+            "redis_events": [keys.event(eid) for eid, *_ in live],
+            "dedup_keys": sorted({keys.dedup(dedup_digest(src, tenant, body))
+                                  for src, body in bodies}),
+            "call_states": [k for src, cid in sorted(calls)
+                            for k in (keys.call(tenant, src, cid),
+                                      keys.call_lock(tenant, src, cid))],
+            "redis_keys": [keys.lane(tenant), keys.bulk_lane(tenant), keys.inflight(tenant),
+                           keys.retry(tenant), keys.bulk_retry(tenant),
+                           keys.open_events(tenant), keys.intake_limit(tenant),
+                           keys.reconcile(tenant)],
+        }
+        counts: dict[str, int] = {}
+        for name, names in groups.items():
+            total = 0
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                total += int(r.exists(*chunk) if dry_run else r.delete(*chunk))
+            counts[name] = total
+        if not dry_run:
+            with r.pipeline(transaction=True) as pipe:
+                pipe.zrem(keys.READY, tenant)
+                pipe.srem(keys.PAUSED, tenant)
+                pipe.srem(keys.TENANTS, tenant)
+                pipe.hdel(keys.LAST_WEBHOOK, *(f"{tenant}|{src}" for src in SOURCES))
+                pipe.execute()
+        return counts
+
+    def _purge_sql(self, tenant: str, dry_run: bool) -> dict[str, int]:
+        ids_of = sa.select(events.c.id).where(events.c.tenant == tenant)
+        if dry_run:
+            with reading(self.engine, 60.0) as conn:
+                def count(q: Any) -> int:
+                    return int(conn.execute(sa.select(sa.func.count()).select_from(
+                        q.subquery())).scalar_one())
+
+                return {
+                    "sql_events": count(ids_of),
+                    "timeline": count(sa.select(timeline.c.record).where(
+                        timeline.c.event_id.in_(ids_of))),
+                    "dead_letters": count(sa.select(dead_letters.c.id).where(
+                        dead_letters.c.tenant == tenant)),
+                    "calls": count(sa.select(call_states.c.call_id).where(
+                        call_states.c.tenant == tenant))}
+        out = {"sql_events": 0, "timeline": 0}
+        while True:   # a thousand events a transaction: no long lock on a big tenant
+            with writing(self.engine, 60.0) as conn:
+                chunk = [row.id for row in conn.execute(ids_of.limit(1000))]
+                if not chunk:
+                    break
+                out["timeline"] += conn.execute(
+                    timeline.delete().where(timeline.c.event_id.in_(chunk))).rowcount
+                out["sql_events"] += conn.execute(
+                    events.delete().where(events.c.id.in_(chunk))).rowcount
+        with writing(self.engine, 60.0) as conn:
+            out["dead_letters"] = conn.execute(
+                dead_letters.delete().where(dead_letters.c.tenant == tenant)).rowcount
+            out["calls"] = conn.execute(call_states.delete().where(
+                call_states.c.tenant == tenant)).rowcount
+        return out
+
+    def _tenants(self, tenant: str | None) -> list[str]:
+        return [tenant] if tenant else self.lifecycle.lanes.all_tenants()
 
     # -- reads -------------------------------------------------------------------------------
     def events(self, f: queries.EventFilter, limit: int = 50, before: str | None = None
@@ -205,33 +382,6 @@ class Operations:
             for row in jobs.selected_letters(self.engine, selection):
                 yield json.dumps(masked(row), default=str) + "\n"
         return lines()
-
-    def retries(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Scheduled retries, soonest first (the first ``limit`` of each tenant's retry sets,
-        then the events' history rows by primary key)."""
-        tenants = self.lifecycle.lanes.all_tenants()
-        with self.redis.pipeline(transaction=False) as pipe:
-            for t in tenants:
-                pipe.zrange(keys.retry(t), 0, limit - 1, withscores=True)
-                pipe.zrange(keys.bulk_retry(t), 0, limit - 1, withscores=True)
-            replies = pipe.execute()
-        due: list[dict[str, Any]] = []
-        for i, t in enumerate(tenants):
-            for lane, reply in (("live", replies[2 * i]), ("bulk", replies[2 * i + 1])):
-                due += [{"id": _text(m), "tenant": t, "lane": lane, "due_at": float(score)}
-                         for m, score in reply]
-        due.sort(key=lambda r: r["due_at"])
-        due = due[:limit]
-        if due:
-            with reading(self.engine) as conn:
-                rows = {r["id"]: r for r in conn.execute(
-                    sa.select(events.c.id, events.c.source, events.c.kind, events.c.call_id,
-                              events.c.attempts, events.c.last_status, events.c.reason,
-                              events.c.received_at)
-                    .where(events.c.id.in_([d["id"] for d in due]))).mappings()}
-            for d in due:
-                d.update({k: v for k, v in (rows.get(d["id"]) or {}).items() if k != "id"})
-        return masked(due)
 
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         with reading(self.engine) as conn:

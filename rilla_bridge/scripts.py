@@ -38,6 +38,7 @@ class Scripts:
         self.requeue = load(source("requeue"))
         self.replay = load(source("replay"))
         self.renew = load(source("renew"))
+        self.handback = load(source("handback"))
         # fair dispatch between tenants (rilla_bridge/lanes.py)
         self.dispatch = load(source("dispatch"))
         self.due = load(source("due"))
@@ -48,4 +49,5 @@ class Scripts:
         self.forget = load(source("forget"))
         # leases and the CallRail quota
         self.lease = load(source("lease"))
+        self.release = load(source("release"))
         self.quota = load(source("quota"))

@@ -46,6 +46,17 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return env.get(name, "").strip() or default
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+
+
 DEFAULT_DATABASE_URL = "sqlite:///rilla-bridge.db"   # a file in the working directory
 _PG_SCHEMES = ("postgres://", "postgresql://", "postgresql+psycopg://")
 
@@ -90,6 +101,9 @@ class Settings:
     rilla_base_url: str = "https://api.apirilla.com"
     callrail_base_url: str = "https://api.callrail.com"
     tenants_file: str = "tenants.toml"
+    # TENANTS_TOML: the tenants file's content itself (wins over TENANTS_FILE); never printed.
+    tenants_toml: str = field(default="", repr=False)
+    tenants_file_set: bool = False   # TENANTS_FILE given explicitly (not the default)
     admin_token: str = ""
     sentry_dsn: str = ""
     port: int = 8000
@@ -105,6 +119,12 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     # The web's deadline for a client's request headers, and then again for its body.
     web_read_timeout_seconds: float = 10.0
+    # Failed signatures or tokens one client address may send in a minute; beyond, its
+    # failures are answered 429 with Retry-After (valid webhooks are never held back). 0: off.
+    auth_failures_per_minute: int = 20
+    # The client address is the last X-Forwarded-For entry (the one Heroku's router adds)
+    # instead of the connection's peer: set it only behind a proxy that adds that header.
+    trust_forwarded_for: bool = False
     environment: str = "production"   # Sentry's environment tag
     # Celery/kombu: a message not acked this long after a worker took it is handed out again.
     visibility_timeout_seconds: int = 60
@@ -123,6 +143,9 @@ class Settings:
     # A running delivery holds its slot and its call's lock under this lease, renewed by the
     # worker's heartbeat: a dead worker's work is back in progress within about a lease.
     delivery_lease_seconds: float = 8.0
+    # A worker given SIGTERM finishes what it runs for at most this long, then hands the rest
+    # back to their lanes and exits (Heroku's SIGKILL follows SIGTERM after 30 s).
+    worker_shutdown_grace_seconds: float = 20.0
     # Replays and backfill leave their bulk lanes at most this fast (events/s, all tenants).
     bulk_rate_per_second: float = 50.0
     # Calls whose state went to history in one generation (the history retention): sizes the
@@ -166,6 +189,8 @@ class Settings:
             rilla_base_url=_str(e, "RILLA_BASE_URL", cls.rilla_base_url).rstrip("/"),
             callrail_base_url=_str(e, "CALLRAIL_BASE_URL", cls.callrail_base_url).rstrip("/"),
             tenants_file=_str(e, "TENANTS_FILE", cls.tenants_file),
+            tenants_toml=e.get("TENANTS_TOML", ""),
+            tenants_file_set=bool(e.get("TENANTS_FILE", "").strip()),
             admin_token=e.get("ADMIN_TOKEN", ""),
             sentry_dsn=e.get("SENTRY_DSN", "").strip(),
             port=_int(e, "PORT", cls.port),
@@ -182,6 +207,9 @@ class Settings:
             max_body_bytes=cls.max_body_bytes,
             web_read_timeout_seconds=_float(
                 e, "WEB_READ_TIMEOUT_SECONDS", cls.web_read_timeout_seconds),
+            auth_failures_per_minute=_int(
+                e, "AUTH_FAILURES_PER_MINUTE", cls.auth_failures_per_minute),
+            trust_forwarded_for=_bool(e, "TRUST_FORWARDED_FOR", cls.trust_forwarded_for),
             environment=_str(e, "ENVIRONMENT", cls.environment),
             visibility_timeout_seconds=_int(
                 e, "VISIBILITY_TIMEOUT_SECONDS", cls.visibility_timeout_seconds
@@ -196,6 +224,8 @@ class Settings:
                 e, "TENANT_INTAKE_MIB_PER_MINUTE", cls.tenant_intake_mib_per_minute),
             delivery_lease_seconds=_float(
                 e, "DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds),
+            worker_shutdown_grace_seconds=_float(
+                e, "WORKER_SHUTDOWN_GRACE_SECONDS", cls.worker_shutdown_grace_seconds),
             bulk_rate_per_second=_float(e, "BULK_RATE_PER_SECOND", cls.bulk_rate_per_second),
             seen_calls_capacity=_int(e, "SEEN_CALLS_CAPACITY", cls.seen_calls_capacity),
             callrail_connect_timeout=_float(

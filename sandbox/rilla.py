@@ -76,6 +76,17 @@ def make_app(state: SandboxState) -> Flask:
         return Response(exc.body, exc.status, mimetype="text/plain")
 
     @app.before_request
+    def _begin() -> None:
+        if not request.path.startswith(CONTROL_PREFIX):
+            g.counted = True
+            state.begin()
+
+    @app.teardown_request
+    def _end(_: BaseException | None) -> None:
+        if g.pop("counted", False):
+            state.end()
+
+    @app.before_request
     def _faults_and_latency() -> Response | None:
         if request.path.startswith(CONTROL_PREFIX):
             return None
@@ -261,15 +272,54 @@ def _parse_org(value: str) -> tuple[str, list[str] | None]:
     return key, [u for u in users.split(",") if u] if sep else None
 
 
+CONTROL_HELP = """\
+control API (JSON, no auth: keep it on loopback; these requests are never faulted, delayed
+or counted). PORT below is --port (8089 under ./dev run):
+
+  orgs       PUT  /_sandbox/orgs/KEY  {"users": ["rep@x.example"]}   add or replace an org;
+             "users": null accepts any user email. Unknown keys answer 401.
+  faults     POST /_sandbox/faults  {"status": 503, "count": 5}
+             the next COUNT API requests (all of them when count is null or absent) answer
+             STATUS with body "body" (default: the status phrase), optional "retry_after"
+             (a Retry-After header), "latency_ms" (wait first) and "api_key" (only that
+             org's requests). "status": null only delays. Faults queue in order.
+             DELETE /_sandbox/faults          clear every fault
+  latency    POST /_sandbox/latency  {"latency_ms": 100, "api_key": null}
+             every API answer waits this long (one org's only, with "api_key")
+  data       GET  /_sandbox/appointments[?api_key=K]   what Rilla holds
+             GET  /_sandbox/requests[?limit=N]          the last requests, newest last
+             GET  /_sandbox/stats       request counts, by status and by event
+             POST /_sandbox/conversations  {"api_key": K, "conversation_id": C,
+                                            "has_recording": true, "recording_missing": false}
+             GET  /_sandbox/conversations[?api_key=K]
+             POST /_sandbox/reset    forget appointments, conversations, requests,
+                                     counters, faults and latencies (orgs stay)
+             GET  /_sandbox/health
+
+examples (a Rilla outage, then recovery):
+  curl -s -XPOST localhost:8089/_sandbox/faults -H 'content-type: application/json' \\
+       -d '{"status": 503, "count": null}'
+  curl -s -XDELETE localhost:8089/_sandbox/faults
+  curl -s -XPOST localhost:8089/_sandbox/latency -H 'content-type: application/json' \\
+       -d '{"latency_ms": 2000}'
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (``python -m sandbox.rilla``)."""
-    parser = argparse.ArgumentParser(description="Local Rilla Custom CRM API sandbox.")
+    parser = argparse.ArgumentParser(
+        prog="rilla-bridge sandbox rilla",
+        description="Local Rilla Custom CRM API sandbox (POST/DELETE /custom/appointment, "
+                    "the conversation match), with faults and latency under your control.",
+        epilog=CONTROL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--org", action="append", type=_parse_org, default=[],
                         metavar="KEY[=user1@x,user2@y]",
                         help="an org's API key, optionally with its user emails (repeatable)")
-    parser.add_argument("--latency-ms", type=int, default=0)
+    parser.add_argument("--latency-ms", type=int, default=0,
+                        help="every API answer waits this long (change it live: "
+                             "POST /_sandbox/latency)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     run_server(args.host, args.port, orgs=dict(args.org), latency_ms=args.latency_ms,

@@ -85,6 +85,7 @@ class SandboxState:
         self.faults: list[Fault] = []
         self.log: deque[dict[str, Any]] = deque(maxlen=log_size)
         self.requests = 0
+        self.started = self.in_progress = 0   # API requests begun / being answered now
         self.by_status: Counter[str] = Counter()
         self.upserts_by_event: Counter[str] = Counter()
         self.deletes = 0
@@ -131,7 +132,7 @@ class SandboxState:
             self.faults.clear()
             self.key_latency.clear()
             self.log.clear()
-            self.requests = self.deletes = 0
+            self.requests = self.deletes = self.started = 0   # in_progress: still running
             self.by_status.clear()
             self.upserts_by_event.clear()
 
@@ -148,6 +149,17 @@ class SandboxState:
                     self.faults = [f for f in self.faults if f.remaining != 0]
                     return fault, (delay + fault.latency_ms) / 1000
             return None, delay / 1000
+
+    def begin(self) -> None:
+        """An API request arrived (before any latency or fault): how many run at once is
+        what a client's concurrency looks like from Rilla's side."""
+        with self.lock:
+            self.started += 1
+            self.in_progress += 1
+
+    def end(self) -> None:
+        with self.lock:
+            self.in_progress -= 1
 
     def record(self, method: str, path: str, status: int, event_id: str | None) -> None:
         """Count and log one answered API request (never the key)."""
@@ -177,7 +189,8 @@ class SandboxState:
     def stats(self) -> dict[str, Any]:
         """Request counters; upserts and deletes count successful (200) ones only."""
         with self.lock:
-            return {"requests": self.requests, "by_status": dict(self.by_status),
+            return {"requests": self.requests, "started": self.started,
+                    "in_progress": self.in_progress, "by_status": dict(self.by_status),
                     "upserts_by_event": dict(self.upserts_by_event), "deletes": self.deletes}
 
     def recent(self, limit: int) -> list[dict[str, Any]]:

@@ -113,4 +113,38 @@ def _reuse_sync_redis_clients() -> None:
 _reuse_sync_redis_clients()
 
 
+def worker_kind(queues: Any) -> str:
+    """``callrail`` for a worker consuming only the callrail queue, else ``worker``."""
+    names = {getattr(q, "name", str(q)) for q in queues}
+    return "callrail" if names == {QUEUE_CALLRAIL} else "worker"
+
+
+@signals.worker_ready.connect
+def _watch_config(sender: Any = None, **_: Any) -> None:
+    """Load the tenants at start (not at the first task) and keep them reloaded."""
+    from workers import shutdown
+    from workers.runtime import watch_config
+
+    shutdown.consumer = sender
+    queues = sender.app.amqp.queues.consume_from.values() if sender is not None else ()
+    watch_config(worker_kind(queues))
+
+
+@signals.worker_shutting_down.connect
+def _shutdown_deadline(**_: Any) -> None:
+    """SIGTERM: Celery stops taking work and waits for what runs; past the grace, what
+    still runs is handed back and the process exits (workers/shutdown.py)."""
+    from workers import shutdown
+
+    shutdown.arm()
+
+
+@signals.worker_shutdown.connect
+def _forget_config(**_: Any) -> None:
+    from workers import runtime
+
+    if runtime._watcher is not None:
+        runtime._watcher.forget()
+
+
 app = make_celery()

@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -68,6 +69,26 @@ class Heartbeat:
     def release(self, event_id: str) -> None:
         with self._lock:
             self._held.pop(event_id, None)
+
+    def hand_back_all(self, hand_back: Callable[[str, str, str, str, str], bool]) -> int:
+        """Give back everything this process still holds (it is stopping): ``hand_back(event
+        id, tenant, run, lock key, lock token)`` for each (``Lifecycle.hand_back``); returns
+        how many were handed back. Nothing is renewed for them after this."""
+        with self._lock:
+            held, self._held = list(self._held.items()), {}
+        n = 0
+        for event_id, h in held:
+            try:
+                n += bool(hand_back(event_id, h.tenant, h.run, h.lock_key, h.lock_token))
+            except Exception as exc:   # its lease lapses instead: the sweep recovers it
+                log.warning("could not hand an event back", extra={"event": event_id,
+                                                                   "error": repr(exc)})
+        return n
+
+    def take(self, event_id: str) -> _Held | None:
+        """Stop holding ``event_id`` and return what was held (None: nothing)."""
+        with self._lock:
+            return self._held.pop(event_id, None)
 
     def holding(self) -> int:
         with self._lock:

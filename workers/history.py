@@ -368,15 +368,14 @@ def main() -> None:
     """The process entry (``rilla-bridge history``): everything from the environment."""
     from rilla_bridge.calls import CallState
     from rilla_bridge.clock import SystemClock
-    from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
+    from rilla_bridge.observability import init_sentry, setup_logging
     from rilla_bridge.redis_conn import make_redis, warn_unless_noeviction
     from rilla_bridge.scripts import Scripts
-    from rilla_bridge.tenants import load_tenants
+    from rilla_bridge.tenant_config import TenantsReloader, live_tenants
 
     settings = Settings.from_env()
     setup_logging()
-    tenants = load_tenants(settings.tenants_file)
-    register_secrets(s for t in tenants.values() for s in t.secrets())
+    tenants = live_tenants(settings)
     init_sentry(settings.sentry_dsn, environment=settings.environment, component="history")
     client = make_redis(settings)
     warn_unless_noeviction(client, log)
@@ -386,8 +385,10 @@ def main() -> None:
     process = HistoryProcess(settings, client, db.make_engine(settings), tenants, clock,
                              on_calls_written=calls.forget,
                              consumer=consumer_name())
+    watcher = TenantsReloader(settings, tenants, clock, client=client, process="history").start()
     install_signals(process)
     process.run_forever()
+    watcher.forget()
 
 
 def install_signals(process: HistoryProcess) -> None:

@@ -59,8 +59,39 @@ def process_event(rt: Runtime, event_id: str, tenant: str) -> str:
     rt.heartbeat.hold(event_id, tenant, run)
     try:
         return _run(rt, claim.event, run)
+    except BaseException as exc:
+        # Cut off from outside (the task time limit: gevent's Timeout; the worker stopping:
+        # GreenletExit, SystemExit): the event goes back to its lane now, not after its lease
+        # lapses. An error of our own (an Exception) is left to the lease: its lapse is the
+        # pause before the event is tried again.
+        if not isinstance(exc, Exception):
+            hand_back(rt, event_id, f"its run was stopped ({type(exc).__name__}) before it "
+                      "finished")
+        raise
     finally:
         rt.heartbeat.release(event_id)
+
+
+def hand_back(rt: Runtime, event_id: str, reason: str) -> bool:
+    """Hand one event this process runs back to its tenant's lane (``Lifecycle.hand_back``);
+    False when it holds it no more. A Redis error leaves it to its lease."""
+    held = rt.heartbeat.take(event_id)
+    if held is None:
+        return False
+    try:
+        return rt.lifecycle.hand_back(event_id, held.tenant, held.run, reason,
+                                      lock_key=held.lock_key, lock_token=held.lock_token)
+    except redis.RedisError as exc:
+        log.warning("could not hand an event back", extra={"event": event_id,
+                                                           "error": repr(exc)})
+        return False
+
+
+def hand_back_all(rt: Runtime, reason: str) -> int:
+    """Hand back everything this process still runs (it is stopping); returns how many."""
+    return rt.heartbeat.hand_back_all(
+        lambda event_id, tenant, run, lock_key, lock_token: rt.lifecycle.hand_back(
+            event_id, tenant, run, reason, lock_key=lock_key, lock_token=lock_token))
 
 
 def _run(rt: Runtime, event: dict[str, Any], worker: str) -> str:

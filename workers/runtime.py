@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -24,12 +24,13 @@ from rilla_bridge.history.db import make_engine
 from rilla_bridge.history.queries import CallStateReader
 from rilla_bridge.lanes import Lanes
 from rilla_bridge.lifecycle import Lifecycle
-from rilla_bridge.observability import init_sentry, register_secrets, setup_logging
+from rilla_bridge.observability import init_sentry, setup_logging
 from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.redis_conn import make_redis, warn_unless_noeviction
 from rilla_bridge.scripts import Scripts
 from rilla_bridge.settings import Settings
-from rilla_bridge.tenants import Tenant, load_tenants
+from rilla_bridge.tenant_config import LiveTenants, TenantsReloader, live_tenants
+from rilla_bridge.tenants import Tenant
 from workers.heartbeat import Heartbeat
 from workers.recordings import RecordingService
 
@@ -51,7 +52,7 @@ class Runtime:
     clock: Clock
     redis: redis.Redis
     scripts: Scripts
-    tenants: dict[str, Tenant]
+    tenants: Mapping[str, Tenant]   # a LiveTenants in a process: reloaded when the file changes
     lanes: Lanes
     lifecycle: Lifecycle
     store: EventStore
@@ -64,7 +65,7 @@ class Runtime:
     call_history: CallHistory
 
 
-def build_runtime(settings: Settings, *, client: redis.Redis, tenants: dict[str, Tenant],
+def build_runtime(settings: Settings, *, client: redis.Redis, tenants: Mapping[str, Tenant],
                   clock: Clock | None = None, rilla: RillaAPI | None = None,
                   callrail: CallRailClient | None = None,
                   call_history: CallHistory = _no_history) -> Runtime:
@@ -99,8 +100,7 @@ _lock = threading.Lock()  # gevent patches it: the first tasks of a worker build
 def _process_runtime() -> Runtime:
     settings = Settings.from_env()
     setup_logging()
-    tenants = load_tenants(settings.tenants_file)
-    register_secrets(s for t in tenants.values() for s in t.secrets())
+    tenants = live_tenants(settings)
     init_sentry(settings.sentry_dsn, environment=settings.environment, component="worker")
     client = make_redis(settings, max_connections=512)
     warn_unless_noeviction(client, log)
@@ -120,3 +120,17 @@ def runtime() -> Runtime:
             if _runtime is None or _runtime[0] != os.getpid():
                 _runtime = (os.getpid(), _process_runtime())
     return _runtime[1]
+
+
+_watcher: TenantsReloader | None = None
+
+
+def watch_config(process: str) -> TenantsReloader | None:
+    """Start this process's tenants reloader and version report (``worker``, ``callrail``,
+    ``scheduler``): a changed tenants file is running here within seconds."""
+    global _watcher
+    rt = runtime()
+    if _watcher is None and isinstance(rt.tenants, LiveTenants):
+        _watcher = TenantsReloader(rt.settings, rt.tenants, rt.clock, client=rt.redis,
+                                   process=process).start()
+    return _watcher

@@ -25,7 +25,7 @@ from flask import (
 from werkzeug.exceptions import BadRequest, NotFound
 from werkzeug.wrappers import Response as BaseResponse
 
-from app import admin
+from app import admin, door
 from app.console import SIGN_IN_FAILURES, SIGN_IN_WINDOW_SECONDS, Revealed
 from app.console.chart import chart_svg
 from rilla_bridge import keys
@@ -61,11 +61,11 @@ FILTERS = {"when": when, "age": age}
 
 # -- access -----------------------------------------------------------------------------------
 def client_address() -> str:
-    """Who is signing in: the last X-Forwarded-For hop (Heroku's router appends the address
-    it saw), else the connection's."""
-    forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",")
-                 if a.strip()]
-    return (forwarded[-1] if forwarded else request.remote_addr or "unknown")[:64]
+    """Who is signing in: the connection's peer, or with ``TRUST_FORWARDED_FOR`` (behind
+    Heroku's router) the last ``X-Forwarded-For`` entry, as the front door decides."""
+    return door.client_address(request.environ,
+                               bool(current_app.config.get("RB_TRUST_FORWARDED_FOR"))
+                               ) or "unknown"
 
 
 def _token() -> str:
@@ -280,14 +280,14 @@ def job_action(job_id: str, what: str) -> BaseResponse:
 @page
 def retries() -> str:
     ops = admin.operations()
-    return render_template("retries.html", rows=ops.retries(), now=ops.clock.now(),
+    return render_template("retries.html", rows=ops.retries(limit=200), now=ops.clock.now(),
                            message=request.args.get("message"))
 
 
 @bp.post("/retries/<event_id>/now")
 @page
 def retry_now(event_id: str) -> BaseResponse:
-    done = admin.operations().retry_now(event_id, actor())
+    done = admin.operations().retry_event_now(event_id, actor())
     return redirect(url_for("console.retries", message=f"{event_id}: " + (
         "queued now" if done else "not waiting for a retry any more")))
 

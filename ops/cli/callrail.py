@@ -29,17 +29,21 @@ def quota(as_json: bool) -> None:
     if not rows:
         click.echo("no CallRail account has used or queued anything recently")
         return
-    for st in rows:
+    for n, st in enumerate(rows):
         paused = st.get("paused_until")
         pause = (f"PAUSED until {common.when(paused)} UTC (level {st.get('pause_level')})"
                  if paused else "not paused")
-        waiting = st.get("waiting") or {}
-        click.echo(f"account {st['account']}: hour {st['hour_used']}/{guard.hourly_limit} used "
-                   f"({st['hour_left']} left), day {st['day_used']}/{guard.daily_limit} "
-                   f"({st['day_left']} left), {pause}")
-        click.echo("  waiting: " + ", ".join(f"{lane} {n}" for lane, n in waiting.items()))
-        for lane, use in (st.get("lanes") or {}).items():
-            click.echo(f"  lane {lane}: {use}")
+        click.echo(("\n" if n else "") + f"CallRail account {st['account']}: {pause}; limits "
+                   f"{guard.hourly_limit}/hour, {guard.daily_limit}/day")
+        click.echo(f"  {'LANE':<10} {'HOUR USED':>9} {'HOUR LEFT':>9} {'DAY USED':>9} "
+                   f"{'DAY LEFT':>9} {'WAITING':>8}")
+        lanes = st.get("lanes") or {}
+        for lane, use in lanes.items():
+            click.echo(f"  {lane:<10} {use['hour_used']:>9} {use['hour_left']:>9} "
+                       f"{use['day_used']:>9} {use['day_left']:>9} {use['waiting']:>8}")
+        click.echo(f"  {'total':<10} {st['hour_used']:>9} {st['hour_left']:>9} "
+                   f"{st['day_used']:>9} {st['day_left']:>9} "
+                   f"{sum((st.get('waiting') or {}).values()):>8}")
 
 
 @main.command()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -23,8 +23,9 @@ from rilla_bridge.observability import redact_text, register_secrets
 from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.redis_conn import make_redis
 from rilla_bridge.scripts import Scripts
-from rilla_bridge.settings import ConfigError, Settings
-from rilla_bridge.tenants import Tenant, load_tenants
+from rilla_bridge.settings import ConfigError, Settings, mask_url
+from rilla_bridge.tenant_config import REPORT_STALE_SECONDS, TenantsConfig, load_config
+from rilla_bridge.tenants import Tenant
 
 
 def settings() -> Settings:
@@ -34,17 +35,24 @@ def settings() -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-def tenants(s: Settings) -> dict[str, Tenant]:
+def tenants_config(s: Settings) -> TenantsConfig:
+    """The tenants configuration as the processes read it (TENANTS_TOML or TENANTS_FILE)."""
     try:
-        return load_tenants(s.tenants_file)
+        config = load_config(s)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    register_secrets(sec for t in config.tenants.values() for sec in t.secrets())
+    return config
+
+
+def tenants(s: Settings) -> Mapping[str, Tenant]:
+    return tenants_config(s).tenants
 
 
 def register_tenant_secrets(s: Settings) -> None:
     """Mask the tenants' secrets in what we print (a broken tenants file masks nothing)."""
     try:
-        loaded = load_tenants(s.tenants_file)
+        loaded = load_config(s).tenants
     except ConfigError:
         return
     register_secrets(sec for t in loaded.values() for sec in t.secrets())
@@ -132,3 +140,36 @@ def actor() -> str:
     import getpass
 
     return os.environ.get("RILLA_BRIDGE_OPERATOR") or f"cli:{getpass.getuser()}"
+
+
+# -- the configuration each process runs ---------------------------------------------------
+def running_versions(s: Settings, now: float | None = None) -> list[dict[str, Any]] | None:
+    """What every live process reports running (None: Redis did not answer)."""
+    from rilla_bridge.tenant_config import process_versions
+
+    try:
+        return process_versions(client(s), time.time() if now is None else now)
+    except redis.RedisError:
+        return None
+
+
+def print_process_versions(s: Settings, version: str) -> None:
+    rows = running_versions(s)
+    where = mask_url(s.redis_url)
+    if rows is None:
+        click.echo(f"running processes: unknown (no answer from Redis at {where})")
+        return
+    if not rows:
+        click.echo(f"running processes: none has reported in the last "
+                   f"{REPORT_STALE_SECONDS:.0f} s (Redis at {where})")
+        return
+    old = [r for r in rows if r["version"] != version]
+    click.echo(f"running processes ({len(rows)}, Redis at {where}): "
+               + (f"{len(old)} run another version" if old else "all run this version"))
+    click.echo(f"  {'PROCESS':<10} {'HOST':<24} {'PID':>7}  {'VERSION':<12}  SINCE")
+    for r in rows:
+        note = "" if r["version"] == version else "  <- not this version"
+        if r.get("refused_version"):
+            note += f"  (refused {r['refused_version']}: {r.get('refused_reason', '')})"
+        click.echo(f"  {r['process']:<10} {str(r['host'])[:24]:<24} {r['pid']:>7}  "
+                   f"{r['version']:<12}  {when(r['at'])}{note}")

@@ -7,11 +7,13 @@ import time
 from typing import Any
 
 import click
+import redis
 
 from ops.cli import common, main
 from rilla_bridge.history import queries
 from rilla_bridge.observability import redact_text
 from rilla_bridge.providers import SOURCES
+from rilla_bridge.settings import Settings, mask_url
 
 HIDDEN = ("body", "last_payload")   # raw bodies and payloads: `dlq show` prints them
 
@@ -31,8 +33,7 @@ def events_show(event_id: str, as_json: bool) -> None:
     with common.history(settings) as conn:
         found = queries.event(conn, event_id)
     if found is None:
-        raise click.ClickException(f"no event {event_id} in {settings.database_url_masked} "
-                                   "(unknown, or past its retention)")
+        raise click.ClickException(_not_found(settings, event_id))
     event = {k: v for k, v in found["event"].items() if k not in HIDDEN}
     if as_json:
         out = {"event": event, "timeline": found["timeline"],
@@ -111,3 +112,31 @@ def _line(r: dict[str, Any]) -> str:
     return (f"{r['id']:<34} {common.when(r['received_at']):<19}  {(r['tenant'] or '')[:18]:<18} "
             f"{r['source'] or '':<9} {(r['kind'] or '')[:22]:<22} {r['status'] or '':<17} "
             f"{r['call_id'] or '-'}")
+
+
+def _not_found(settings: Settings, event_id: str) -> str:
+    """Where ``events show`` looked, so a wrong REDIS_URL or DATABASE_URL shows: the history
+    database, then Redis (an event in progress whose history is not written yet)."""
+    from sqlalchemy.pool import NullPool
+
+    from rilla_bridge.events import EventStore
+    from rilla_bridge.history.db import describe, make_engine
+
+    engine = make_engine(settings, poolclass=NullPool)
+    database = describe(engine)
+    engine.dispose()
+    redis_at = mask_url(settings.redis_url)
+    try:
+        live = EventStore(common.client(settings)).get(event_id)
+    except redis.RedisError as exc:
+        return (f"no event {event_id} in the history database {database}, and Redis at "
+                f"{redis_at} did not answer ({type(exc).__name__}); check DATABASE_URL and "
+                "REDIS_URL")
+    if live is not None:
+        return (f"event {event_id} is not in the history database {database} yet, but in "
+                f"progress in Redis at {redis_at}: status {live.get('status') or 'queued'}, "
+                f"tenant {live.get('tenant')}, {live.get('attempts') or 0} attempt(s); is the "
+                "history process running (`rilla-bridge history`)?")
+    return (f"no event {event_id}: looked in the history database {database} and in Redis at "
+            f"{redis_at} (events in progress); unknown there, or past its retention. Wrong "
+            "DATABASE_URL or REDIS_URL?")

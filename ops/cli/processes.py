@@ -13,15 +13,18 @@ def scheduler() -> None:
     """Run the scheduler (due retries, lost-work sweep, CallRail dispatch, reconciliation)."""
     # Imported here, as in the commands below: only the command that runs a process loads
     # what that process needs (workers, gevent, a sandbox).
-    from workers.runtime import runtime
+    from workers.runtime import runtime, watch_config
     from workers.scheduler import run_forever, start_job_runner
 
     rt = runtime()
+    watcher = watch_config("scheduler")
     runner = start_job_runner(rt)
     try:
         run_forever(rt)
     finally:
         runner.stop()
+    if watcher:
+        watcher.forget()
 
 
 @main.command()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from ops.cli import common, main
 from rilla_bridge.clock import SystemClock
 from rilla_bridge.operations import Operations
-from rilla_bridge.settings import ConfigError, Settings
-from rilla_bridge.tenants import load_tenants, mask
+from rilla_bridge.settings import Settings
+from rilla_bridge.tenants import mask
 
 
 @main.group()
@@ -19,13 +21,14 @@ def tenants() -> None:
 @tenants.command("check")
 @click.option("--file", "path", help="tenants file (default: TENANTS_FILE)")
 def tenants_check(path: str | None) -> None:
-    """Validate the tenants file and print a summary with every secret masked."""
+    """Validate the tenants file (or TENANTS_TOML) and print a summary with every secret
+    masked, then the configuration version each running process reports."""
     settings = common.settings()
-    try:
-        loaded = load_tenants(path or settings.tenants_file)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"{path or settings.tenants_file}: {len(loaded)} tenant(s) OK")
+    if path:
+        settings = replace(settings, tenants_file=path, tenants_file_set=True, tenants_toml="")
+    config = common.tenants_config(settings)
+    loaded = config.tenants
+    click.echo(f"{config.source}: {len(loaded)} tenant(s) OK, version {config.version}")
     for t in loaded.values():
         click.echo(f"- {t.slug}: rilla_api_key {mask(t.rilla_api_key)}, "
                    f"default_user_email {t.default_user_email or '-'}, "
@@ -40,6 +43,7 @@ def tenants_check(path: str | None) -> None:
             click.echo(f"    callingly: webhook_token {mask(t.callingly.webhook_tokens)}")
         if not t.callrail and not t.callingly:
             click.echo("    (no [callrail] or [callingly] section: its webhooks answer 404)")
+    common.print_process_versions(settings, config.version)
 
 
 # -- delivery pause and webhook URLs (the console's tenant actions, same service layer) -------

@@ -50,8 +50,7 @@ def apply(conn: Connection, records: Sequence[Record], tenants: Mapping[str, Ten
     batch.load({str(r.data.get("id")) for r in records
                 if r.type in (rec.RECEIVED, rec.STEP, rec.HANDLED) and r.data.get("id")})
     for r in sorted(records, key=lambda r: seq(r.stream_id)):
-        handler = _HANDLERS.get(r.type)
-        if handler is None or not handler(batch, r):
+        if not _handle(batch, r):
             batch.applied.ignored.append(r.stream_id)
     batch.write()
     batch.applied.records = len(records)
@@ -89,11 +88,8 @@ def _record_time(r: Record) -> float:
 
 
 # -- one handler per record type (True: understood) ----------------------------------------
-def _received(batch: Batch, r: Record) -> bool:
+def _received(batch: Batch, r: Record, event_id: str) -> bool:
     d = r.data
-    event_id = _text(d.get("id"))
-    if not event_id:
-        return False
     row = batch.event(event_id)
     newer = batch.newer(row, r)
     values = {c: _coerce(c, d.get(c)) for c in _RECEIVED_COLUMNS}
@@ -115,11 +111,8 @@ def _received(batch: Batch, r: Record) -> bool:
     return True
 
 
-def _step(batch: Batch, r: Record) -> bool:
+def _step(batch: Batch, r: Record, event_id: str) -> bool:
     d = r.data
-    event_id = _text(d.get("id"))
-    if not event_id:
-        return False
     row = batch.event(event_id)
     newer = batch.newer(row, r)
     at = _number(float, d.get("at")) or _record_time(r)
@@ -146,11 +139,8 @@ def _step(batch: Batch, r: Record) -> bool:
     return True
 
 
-def _dead(batch: Batch, r: Record) -> bool:
+def _dead(batch: Batch, r: Record, event_id: str) -> bool:
     d = r.data
-    event_id = _text(d.get("id"))
-    if not event_id:
-        return False
     batch.dead.append({
         "id": r.stream_id, "event_id": event_id, "tenant": _text(d.get("tenant")) or "",
         "source": _text(d.get("source")) or "", "kind": _text(d.get("kind")),
@@ -166,11 +156,8 @@ def _dead(batch: Batch, r: Record) -> bool:
     return True
 
 
-def _handled(batch: Batch, r: Record) -> bool:
+def _handled(batch: Batch, r: Record, event_id: str) -> bool:
     d = r.data
-    event_id = _text(d.get("id"))
-    if not event_id:
-        return False
     batch.event(event_id)   # the timeline entry needs the event row (normally there already)
     at = _number(float, d.get("at")) or _record_time(r)
     how, by = _text(d.get("how")), _text(d.get("by"))
@@ -202,6 +189,18 @@ def _audit(batch: Batch, r: Record) -> bool:
     return True
 
 
-_HANDLERS = {rec.RECEIVED: _received, rec.STEP: _step, rec.DEAD: _dead, rec.CALL: _call,
-             rec.HANDLED: _handled, rec.AUDIT: _audit}
+# Records about one event (they carry its id) and the others.
+_EVENT_HANDLERS = {rec.RECEIVED: _received, rec.STEP: _step, rec.DEAD: _dead,
+                   rec.HANDLED: _handled}
+_OTHER_HANDLERS = {rec.CALL: _call, rec.AUDIT: _audit}
+
+
+def _handle(batch: Batch, r: Record) -> bool:
+    """Apply one record; False when it is not understood (an unknown type, no event id)."""
+    on_event = _EVENT_HANDLERS.get(r.type)
+    if on_event is not None:
+        event_id = _text(r.data.get("id"))
+        return bool(event_id) and on_event(batch, r, str(event_id))
+    other = _OTHER_HANDLERS.get(r.type)
+    return other is not None and other(batch, r)
 

@@ -9,6 +9,7 @@ fixed time.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -20,10 +21,11 @@ from typing import Any
 import pytest
 import redis
 import requests
+import sqlalchemy as sa
 
 from rilla_bridge.celery_messages import QUEUE_EVENTS
-from tests.support import RedisServer
-from tests.system import BIN, ROOT, System
+from tests.support import RedisServer, TcpProxy
+from tests.system import BIN, ROOT, History, System
 
 pytestmark = pytest.mark.integration
 
@@ -381,3 +383,220 @@ def test_one_slow_or_failing_tenant_does_not_hold_back_another(
     else:
         s.sandbox("latency", "POST", json={"latency_ms": 0, "api_key": ACME_KEY})
     until(lambda: len(appointments(s, ACME_KEY)) == 40, 60, "acme catching up")
+
+
+# -- g) leases that follow the worker (fair lanes) -------------------------------------------
+
+def _in_flight(sys_: System, tenant: str = "acme") -> int:
+    """The tenant's slots held now: leases in ``rb:inflight:{t}`` not yet lapsed."""
+    with redis.Redis.from_url(sys_.redis_url) as client:
+        now_ms = int(float(client.time()[0]) * 1000)
+        return int(client.zcount(f"rb:inflight:{tenant}", now_ms, "+inf"))
+
+
+@pytest.mark.slow
+def test_sigkill_with_100_in_flight_the_tenant_is_back_to_full_speed_within_15s(
+        systems: Callable[..., System]) -> None:
+    cap = 100
+    s = systems(TENANT_MAX_INFLIGHT=str(cap), RILLA_READ_TIMEOUT="10")
+    s.start_rilla_sandbox(latency_ms=3000, wait=False)   # every delivery takes 3 s
+    s.start_web(wait=False)
+    s.start_scheduler(wait=False)
+    s.start_history(wait=False)
+    s.ready()
+    n = 400
+    accepted = [post_ok(s, "acme", call_body(i)) for i in range(n)]
+    s.start_worker(concurrency=cap)
+    until(lambda: s.sandbox("stats")["in_progress"] >= cap, 30, f"{cap} deliveries in flight")
+    assert _in_flight(s) == cap     # the cap holds: the other 300 wait in the lane
+    before = s.sandbox("stats")["started"]
+    s.kill("worker", signal.SIGKILL)
+    killed = time.monotonic()
+    s.start_worker("worker2", concurrency=cap, wait=False)
+
+    def back_to_full() -> bool:
+        st = s.sandbox("stats")
+        # a hundred deliveries begun since the kill and a hundred running at once: the dead
+        # worker's slots came back (its own requests end 3 s after the kill at the latest)
+        return bool(st["started"] - before >= cap and st["in_progress"] >= cap
+                    and time.monotonic() - killed > 3.0)
+
+    until(back_to_full, 30, "the tenant back to its full concurrency", interval=0.1)
+    took = time.monotonic() - killed
+    until(lambda: len(appointments(s)) == n, 120, "every call in the sandbox")
+    until(lambda: all(s.history.status(e) == "delivered" for e in accepted), 60,
+          "every event marked delivered")
+    counts = _upserts(s)
+    duplicates = sum(counts.values()) - n
+    print(f"\nSIGKILL with {cap} in flight: back to {cap} concurrent deliveries "
+          f"{took:.1f}s after the kill; {duplicates} re-sent of {n}")
+    assert took < 15.0
+    assert len(counts) == n and duplicates <= cap   # only the calls in flight at the kill
+    until(lambda: _in_flight(s) == 0, 15, "every slot free once all is delivered")
+
+
+@pytest.mark.slow
+def test_redis_restart_during_deliveries_holds_no_slot_past_its_lease(
+        systems: Callable[..., System], own_redis: RedisServer) -> None:
+    cap, lease = 20, 8.0
+    s = systems(TENANT_MAX_INFLIGHT=str(cap), DELIVERY_LEASE_SECONDS=str(lease),
+                VISIBILITY_TIMEOUT_SECONDS="15")
+    _everything(s, latency_ms=500, concurrency=40)
+    n = 300
+    accepted = [post_ok(s, "acme", call_body(i)) for i in range(n)]
+    until(lambda: s.sandbox("stats")["in_progress"] >= cap, 30, "deliveries at the cap")
+    own_redis.stop(kill=False)     # releases and settles in flight are lost with it
+    time.sleep(1.0)
+    own_redis.start()
+    back = time.monotonic()
+    # Slots held for work that no longer runs are free again within a lease: the tenant
+    # is delivering at its cap again, not at a fraction of it.
+    until(lambda: s.sandbox("stats")["in_progress"] >= cap, lease + 7.0,
+          "the tenant back at its cap after the restart", interval=0.1)
+    took = time.monotonic() - back
+    until(lambda: len(appointments(s)) == n, 120, "every call in the sandbox")
+    until(lambda: all(s.history.status(e) == "delivered" for e in accepted), 60,
+          "every event marked delivered")
+    until(lambda: _in_flight(s) == 0, lease + 5.0, "every slot free once all is delivered")
+    print(f"\nRedis restart: back at the cap of {cap} {took:.1f}s after Redis returned")
+
+
+# -- h) the history database down, a worker killed before it wrote history -----------------
+
+@pytest.fixture
+def proxied_postgres(postgres_url: str) -> Iterator[tuple[str, str, TcpProxy]]:
+    """(direct URL, URL through a proxy the test can cut, the proxy) of an empty PostgreSQL
+    database: an outage of the server every test shares, for this test's processes only."""
+    engine = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+    url = sa.make_url(postgres_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    yield postgres_url, url.set(port=proxy.port).render_as_string(hide_password=False), proxy
+    proxy.close()
+
+
+def duplicate_rows(sys_: System) -> dict[str, int]:
+    """Rows that say the same thing twice: an event's entry of the same kind at the same
+    moment, or one of a table's keys more than once."""
+    from rilla_bridge.history.models import calls, events, timeline
+
+    with sys_.history.engine.connect() as conn:
+        same = conn.execute(sa.select(sa.func.count()).select_from(
+            sa.select(timeline.c.event_id).group_by(timeline.c.event_id, timeline.c.what,
+                                                    timeline.c.t)
+            .having(sa.func.count() > 1).subquery())).scalar_one()
+        out = {"timeline": int(same)}
+        for table, key in ((events, events.c.id), (calls, calls.c.call_id)):
+            n, distinct = conn.execute(sa.select(sa.func.count(),
+                                                 sa.func.count(sa.distinct(key)))
+                                       .select_from(table)).one()
+            out[table.name] = int(n) - int(distinct)
+    return out
+
+
+@pytest.mark.slow
+def test_database_down_30s_under_steady_load(own_redis: RedisServer,
+                                             proxied_postgres: tuple[str, str, TcpProxy]
+                                             ) -> None:
+    direct, through, proxy = proxied_postgres
+    s = System(own_redis.url, database_url=through)
+    try:
+        _everything(s, concurrency=20)
+        s._history = History(direct)   # the test reads past the outage it makes
+        sent: dict[str, float] = {}    # Rilla's event id -> when its webhook was answered 202
+        ids: list[str] = []
+        rate, seconds = 10, 45
+        for i in range(rate * seconds):
+            if i == rate * 5:
+                proxy.down()           # the database is gone for 30 s, from 5 s in
+                down_at = time.monotonic()
+            if i == rate * 35:
+                proxy.up()
+                print(f"\ndatabase down for {time.monotonic() - down_at:.1f}s")
+            body = call_body(i)
+            ids.append(post_ok(s, "acme", body))
+            sent[f"callrail-{body['resource_id']}"] = time.time()
+            time.sleep(1 / rate)
+        until(lambda: len(appointments(s)) == len(ids), 30, "every call in the sandbox")
+        got = {r["event_id"]: r["received_at"] for r in s.sandbox(
+            "requests", params={"limit": 5000}) if r["status"] == 200}
+        waits = sorted(got[e] - t for e, t in sent.items())
+        p99 = waits[int(len(waits) * 0.99) - 1]
+        print(f"202 -> Rilla: p50 {waits[len(waits) // 2] * 1000:.0f} ms, "
+              f"p99 {p99 * 1000:.0f} ms, max {waits[-1] * 1000:.0f} ms")
+        assert p99 < 2.0          # delivered on time, the database down or not
+        until(lambda: all(s.history.status(e) == "delivered" for e in ids), 60,
+              "the history complete after the database returned")
+        assert duplicate_rows(s) == {"timeline": 0, "events": 0, "calls": 0}
+        assert all(s.history.timeline(e).count("delivered") == 1 for e in ids[::37])
+        with redis.Redis.from_url(s.redis_url) as client:
+            until(lambda: client.xlen("rb:history") == 0, 20, "the history stream drained")
+        assert "history database unavailable" in s.log("history")
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+def test_worker_killed_after_rilla_answered_before_history(systems: Callable[..., System]
+                                                           ) -> None:
+    s = systems(TENANT_MAX_INFLIGHT="50")
+    s.start_rilla_sandbox(latency_ms=1500, wait=False)
+    s.start_web(wait=False)
+    s.start_scheduler(wait=False)
+    s.start_history(wait=False)
+    s.ready()
+    n = 50
+    ids = [post_ok(s, "acme", call_body(i)) for i in range(n)]
+    s.start_worker(concurrency=n)
+    until(lambda: s.sandbox("stats")["in_progress"] == n, 30, "every delivery at Rilla")
+    worker = s.procs["worker"]
+    os.killpg(worker.pid, signal.SIGSTOP)   # frozen: it will never read Rilla's answers
+    until(lambda: len(appointments(s)) == n, 10, "Rilla to store every call")
+    s.kill("worker", signal.SIGKILL)        # delivered, and nothing of it written anywhere
+    assert not any(s.history.status(e) == "delivered" for e in ids)
+    s.start_worker("worker2", concurrency=n)
+    until(lambda: all(s.history.status(e) == "delivered" for e in ids), 60,
+          "history complete after the crash")
+    counts = _upserts(s)
+    assert len(counts) == n and max(counts.values()) <= 2   # sent again once at most
+    assert duplicate_rows(s) == {"timeline": 0, "events": 0, "calls": 0}
+
+
+# -- i) a full Redis ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_workers_ride_out_a_full_redis_and_resume_by_themselves(
+        systems: Callable[..., System], own_redis: RedisServer) -> None:
+    s = systems()
+    _everything(s, latency_ms=200, concurrency=10)
+    n = 150
+    accepted = [post_ok(s, "acme", call_body(i)) for i in range(n)]
+    until(lambda: len(appointments(s)) >= 10, 30, "deliveries under way")
+    client = redis.Redis.from_url(s.redis_url)
+    chunk = b"x" * 100_000
+    for i in range(40):                 # 4 MB of filler, then a limit under what is used:
+        client.set(f"filler:{i}", chunk)   # Redis (noeviction) refuses every write now
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", str(used - 2_000_000))
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")
+    worker_pid = s.procs["worker"].pid
+    assert requests.get(f"{s.web}/readyz", timeout=5).status_code == 503
+    full_at = len(appointments(s))
+    time.sleep(8)                 # a while of refused writes (settles, acks, intake)
+    assert s.procs["worker"].poll() is None, s.log("worker")[-3000:]
+    assert s.post_callrail("acme", call_body(n + 1)).status_code == 503
+    for key in client.scan_iter("filler:*"):     # memory frees (DEL works when full)
+        client.delete(key)
+    client.config_set("maxmemory", "0")
+    assert requests.get(f"{s.web}/readyz", timeout=5).status_code == 200
+    until(lambda: all(s.history.status(e) == "delivered" for e in accepted), 120,
+          "every accepted event delivered without a restart")
+    assert s.procs["worker"].pid == worker_pid and s.procs["worker"].poll() is None
+    log = s.log("worker")
+    print(f"\nfull Redis: {full_at} of {n} delivered when it filled; the rest after, by the "
+          f"same worker ({log.count('maxmemory')} log lines about it)")
+    assert "Unrecoverable error" not in log
+    client.close()

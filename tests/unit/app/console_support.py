@@ -48,8 +48,11 @@ def tenants() -> dict[str, Tenant]:
     return parse_tenants(TENANTS, env={})
 
 
-def build(client: redis.Redis, clock: FakeClock, engine: Engine, token: str = ADMIN) -> Flask:
-    app = create_app(settings=Settings(admin_token=token), tenants=tenants(),
+def build(client: redis.Redis, clock: FakeClock, engine: Engine, token: str = ADMIN,
+          trust_forwarded_for: bool = True) -> Flask:
+    app = create_app(settings=Settings(admin_token=token,
+                                       trust_forwarded_for=trust_forwarded_for),
+                     tenants=tenants(),
                      redis_client=client, clock=clock, engine=engine)
     app.testing = True
     return app

@@ -79,6 +79,15 @@ def test_wrong_token_refused_and_throttled_per_address(app: Flask,
     assert fake_redis.ttl(keys.sign_in_failures("127.0.0.1")) > 0
 
 
+def test_forwarded_for_does_not_escape_the_throttle_unless_trusted(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock, history_db: Engine) -> None:
+    app = build(fake_redis, clock, history_db, trust_forwarded_for=False)
+    with app.test_client() as c:
+        for n in range(11):
+            resp = sign_in(c, token="wrong", headers={"X-Forwarded-For": f"198.51.100.{n}"})
+        assert resp.status_code == 429   # type: ignore[attr-defined]
+
+
 def test_sign_in_needs_a_name_and_is_audited(app: Flask, fake_redis: fakeredis.FakeRedis,
                                              history_db: Engine) -> None:
     with app.test_client() as c:

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from werkzeug.test import Client
 
 from app import create_app
-from app.door import BodyTimeout, ShortBody, UnreadableBody, read_body
+from app.door import BodyTimeout, ShortBody, UnreadableBody, client_address, read_body
 from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_EVENTS
 from rilla_bridge.clock import FakeClock
@@ -119,7 +119,8 @@ def post_callingly(client: FlaskClient, body: bytes | dict[str, Any], tenant: st
 
 
 def assert_nothing_stored(redis_client: Any) -> None:
-    assert redis_client.keys("rb:*") == []
+    """No event stored (a refused signature or token is only counted against its address)."""
+    assert [k for k in redis_client.keys("rb:*") if not k.startswith(b"rb:authfail:")] == []
     assert redis_client.llen(QUEUE_EVENTS) == 0
 
 
@@ -791,6 +792,8 @@ def test_fuzz_intake_never_5xx_and_rejections_store_nothing(
             # A 400 comes after the tenant's intake limit (SPEC's order): the refused body
             # counted against it, and that count is all it left in Redis.
             counted = [keys.intake_limit(tenant).encode()] if resp.status_code == 400 else []
+            # A 401 is counted against the client's address (the repeated-401 throttle).
+            counted += [keys.auth_failures("127.0.0.1").encode()] if resp.status_code == 401 else []
             assert redis_client.keys("*") == counted
             assert redis_client.llen(QUEUE_EVENTS) == 0
     finally:
@@ -807,6 +810,98 @@ def test_fuzz_random_signatures_are_refused(body: bytes, signature: str) -> None
         resp = client.post("/webhooks/callrail/acme", data=body,
                            headers={"Signature": signature})
         assert resp.status_code == 401
-        assert redis_client.keys("rb:*") == []
+        assert redis_client.keys("rb:*") == [keys.auth_failures("127.0.0.1").encode()]
     finally:
         redis_client.close()
+
+
+# -- a signing key or token being rotated: either of two verifies at the door -----------------
+
+OLD_KEY, NEW_KEY = "rot-old-signing-key-01", "rot-new-signing-key-02"
+OLD_TOKEN, NEW_TOKEN = "rot-old-callingly-tok-1", "rot-new-callingly-tok-2"
+ROTATING = f"""
+[tenants.rot]
+rilla_api_key = "rot-rilla-key-00000001"
+[tenants.rot.callrail]
+signing_key = ["{OLD_KEY}", "{NEW_KEY}"]
+[tenants.rot.callingly]
+webhook_token = ["{OLD_TOKEN}", "{NEW_TOKEN}"]
+"""
+
+
+def test_both_keys_and_both_tokens_of_a_rotation_verify_at_the_door(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    app = create_app(settings=Settings(), tenants=parse_tenants(ROTATING, env={}),
+                     redis_client=fake_redis, clock=clock)
+    with app.test_client() as c:
+        for n, key in enumerate((OLD_KEY, NEW_KEY)):
+            r = post_callrail(c, {**POST_CALL, "resource_id": f"CALrot{n}"}, tenant="rot",
+                              key=key)
+            assert r.status_code == 202, r.get_data(as_text=True)
+        assert_error(post_callrail(c, {**POST_CALL, "resource_id": "CALrot9"}, tenant="rot",
+                                   key="rot-other-signing-key-3"), 401)
+        body = json.loads(CALL_COMPLETED)
+        for n, token in enumerate((OLD_TOKEN, NEW_TOKEN)):
+            r = post_callingly(c, {**body, "id": 900 + n}, tenant="rot", token=token)
+            assert r.status_code == 202, r.get_data(as_text=True)
+        assert_error(post_callingly(c, {**body, "id": 909}, tenant="rot",
+                                    token="rot-other-callingly-t3"), 401)
+
+
+def test_a_reloaded_tenants_file_takes_effect_at_the_door(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock, tmp_path: Any) -> None:
+    """The rotation done live: the file gains the new key, the web reloads it (no restart);
+    the old key keeps verifying, and a tenant added to the file is served."""
+    from rilla_bridge.tenant_config import LiveTenants, TenantsReloader, load_config
+
+    path = tmp_path / "tenants.toml"
+    path.write_text(ROTATING.replace(f'["{OLD_KEY}", "{NEW_KEY}"]', f'"{OLD_KEY}"'))
+    settings = Settings(tenants_file=str(path))
+    live = LiveTenants(load_config(settings, env={}))
+    app = create_app(settings=settings, tenants=live, redis_client=fake_redis, clock=clock)
+    with app.test_client() as c:
+        assert_error(post_callrail(c, POST_CALL, tenant="rot", key=NEW_KEY), 401)
+        path.write_text(ROTATING + TENANTS)
+        assert TenantsReloader(settings, live, clock, env={}).poll() == "reloaded"
+        assert post_callrail(c, POST_CALL, tenant="rot", key=NEW_KEY).status_code == 202
+        assert post_callrail(c, {**POST_CALL, "resource_id": "CAL2"}, tenant="rot",
+                             key=OLD_KEY).status_code == 202
+        assert post_callrail(c, POST_CALL, tenant="acme").status_code == 202
+
+
+# -- the client's address (the repeated-401 throttle) -----------------------------------------
+@pytest.mark.parametrize(("environ", "trust", "expected"), [
+    ({"REMOTE_ADDR": "10.1.2.3"}, False, "10.1.2.3"),
+    ({"REMOTE_ADDR": "10.1.2.3", "HTTP_X_FORWARDED_FOR": "1.1.1.1"}, False, "10.1.2.3"),
+    # behind Heroku's router: the last entry is the one the router added
+    ({"REMOTE_ADDR": "10.1.2.3", "HTTP_X_FORWARDED_FOR": "6.6.6.6, 203.0.113.7"}, True,
+     "203.0.113.7"),
+    ({"REMOTE_ADDR": "10.1.2.3", "HTTP_X_FORWARDED_FOR": " "}, True, "10.1.2.3"),
+    ({"REMOTE_ADDR": "10.1.2.3"}, True, "10.1.2.3"),
+    ({}, False, ""),
+])
+def test_client_address(environ: dict[str, Any], trust: bool, expected: str) -> None:
+    assert client_address(environ, trust) == expected
+
+
+def test_repeated_401s_from_one_address_get_429_through_the_app(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """Behind a proxy (TRUST_FORWARDED_FOR): an address that keeps failing is slowed; a
+    spoofed X-Forwarded-For first entry does not change its address; its valid webhooks and
+    other addresses' are answered as ever."""
+    app = create_app(settings=Settings(auth_failures_per_minute=3, trust_forwarded_for=True),
+                     tenants=parse_tenants(TENANTS, env={}), redis_client=fake_redis,
+                     clock=clock)
+    with app.test_client() as c:
+        for i in range(3):
+            spoof = {"X-Forwarded-For": f"192.0.2.{i}, 203.0.113.7"}
+            assert post_callrail(c, POST_CALL, key="wrong-key", headers=spoof).status_code == 401
+        again = post_callrail(c, POST_CALL, key="wrong-key",
+                              headers={"X-Forwarded-For": "203.0.113.7"})
+        assert again.status_code == 429 and 1 <= int(again.headers["Retry-After"]) <= 60
+        assert ACME_KEY not in again.get_data(as_text=True)
+        ok = post_callrail(c, POST_CALL, headers={"X-Forwarded-For": "203.0.113.7"})
+        assert ok.status_code == 202
+        other = post_callrail(c, POST_CALL, key="wrong-key",
+                              headers={"X-Forwarded-For": "198.51.100.9"})
+        assert other.status_code == 401

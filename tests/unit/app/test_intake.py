@@ -10,6 +10,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 
 from app.intake import Intake, Reply, WebhookRequest
 from rilla_bridge import keys
@@ -751,3 +752,80 @@ def test_received_at_and_id_follow_the_clock(fake_redis: fakeredis.FakeRedis) ->
     assert got == [1_800_000_000.0, 1_800_000_002.5]
     assert fake_redis.zrange(keys.open_events("acme"), 0, -1, withscores=True) == [
         (first.encode(), 1_800_000_000.0), (second.encode(), 1_800_000_002.5)]
+
+
+# -- repeated 401s from one address ---------------------------------------------------------
+ATTACKER = "203.0.113.7"
+
+
+def _bad(intake: Intake, client: str = ATTACKER, source: str = "callrail") -> Reply:
+    raw = json.dumps(POST_CALL).encode()
+    if source == "callrail":
+        return intake.handle(WebhookRequest("callrail", "acme", raw, {}, "AAAA", client))
+    return intake.handle(WebhookRequest("callingly", "acme", raw, {"token": ["guess"]},
+                                        None, client))
+
+
+def _good(intake: Intake, n: int, client: str = ATTACKER) -> Reply:
+    raw = json.dumps({**POST_CALL, "resource_id": f"CALok{n}"}).encode()
+    return intake.handle(WebhookRequest("callrail", "acme", raw, {},
+                                        callrail_signature(ACME_KEY, raw), client))
+
+
+def test_repeated_bad_signatures_from_one_address_are_slowed(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    intake = make_intake(fake_redis, clock, Settings(auth_failures_per_minute=5))
+    for _ in range(3):
+        assert_error(_bad(intake), 401)
+    for _ in range(2):
+        assert_error(_bad(intake, source="callingly"), 401)   # both sources count
+    slowed = _bad(intake)
+    data = assert_error(slowed, 429)
+    assert "too many failed" in data["error"] and slowed.tenant == "acme"
+    (name, wait), = slowed.headers
+    assert name == "Retry-After" and 1 <= int(wait) <= 60
+    assert_error(_bad(intake, source="callingly"), 429)
+    # Valid webhooks from the same address are never held back, and do not reset the count.
+    assert _good(intake, 1).status == 202 and _good(intake, 2).status == 202
+    assert_error(_bad(intake), 429)
+    # Another address is not affected.
+    assert_error(_bad(intake, client="198.51.100.9"), 401)
+    # The minute is the first failure's: more failures do not extend it.
+    ttl = fake_redis.ttl(keys.auth_failures(ATTACKER))
+    assert 0 < ttl <= 60
+    assert fake_redis.get(keys.auth_failures(ATTACKER)) == b"8"
+    assert fake_redis.get(keys.auth_failures("198.51.100.9")) == b"1"
+
+
+def test_a_new_minute_forgets_the_failures(fake_redis: fakeredis.FakeRedis,
+                                           clock: FakeClock) -> None:
+    intake = make_intake(fake_redis, clock, Settings(auth_failures_per_minute=2))
+    for _ in range(2):
+        assert_error(_bad(intake), 401)
+    assert_error(_bad(intake), 429)
+    fake_redis.delete(keys.auth_failures(ATTACKER))   # what the key's 60 s expiry does
+    assert_error(_bad(intake), 401)
+
+
+def test_the_throttle_is_off_at_zero_or_without_an_address(fake_redis: fakeredis.FakeRedis,
+                                                           clock: FakeClock) -> None:
+    off = make_intake(fake_redis, clock, Settings(auth_failures_per_minute=0))
+    for _ in range(30):
+        assert_error(_bad(off), 401)
+    on = make_intake(fake_redis, clock, Settings(auth_failures_per_minute=1))
+    for _ in range(5):
+        assert_error(_bad(on, client=""), 401)
+    assert fake_redis.keys("rb:authfail:*") == []
+
+
+def test_a_redis_error_while_counting_is_still_a_401(fake_redis: fakeredis.FakeRedis,
+                                                     clock: FakeClock,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    intake = make_intake(fake_redis, clock, Settings(auth_failures_per_minute=1))
+
+    def refuse(*_a: Any, **_k: Any) -> Any:
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(intake.lifecycle.redis, "pipeline", refuse)
+    for _ in range(3):
+        assert_error(_bad(intake), 401)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -321,3 +323,90 @@ def test_a_lapsed_lease_is_not_counted_in_flight(fake_redis: fakeredis.FakeRedis
     assert g[("rilla_bridge_waiting_events", ("vector", "live"))] == 1
     assert g[("rilla_bridge_in_flight", ("vector",))] == 0
     assert g[("rilla_bridge_tenant_paused", ("vector",))] == 1
+
+
+def test_metrics_tell_when_each_tenant_last_received_a_webhook(
+        client: FlaskClient, fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """The series the "tenant silent" alert reads: the time of each tenant's last webhook per
+    source, written by the intake script (a repeat counts, a bad signature does not)."""
+    raw = json.dumps({"resource_id": "CAL7"}).encode()
+    sig = callrail_signature("acme-signing-key-0001", raw)
+    first = clock.now()
+    assert client.post("/webhooks/callrail/acme", data=raw,
+                       headers={"Signature": sig}).status_code == 202
+    assert _last_webhook(client, "acme", "callrail") == first
+    assert _last_webhook(client, "vector", "callrail") is None    # never heard from
+
+    clock.advance(600)
+    assert client.post("/webhooks/callrail/acme", data=raw + b" ",
+                       headers={"Signature": "bad"}).status_code == 401
+    assert _last_webhook(client, "acme", "callrail") == first      # unsigned: not counted
+    assert client.post("/webhooks/callrail/acme", data=raw,
+                       headers={"Signature": sig}).status_code == 200   # a repeat
+    assert _last_webhook(client, "acme", "callrail") == first + 600
+    # A tenant no longer in the tenants file is not reported.
+    fake_redis.hset(keys.LAST_WEBHOOK, "gone|callrail", 5.0)
+    assert not any('tenant="gone"' in line and "last_webhook" in line
+                   for line in _lines(metrics(client)))
+
+
+def _last_webhook(client: FlaskClient, tenant: str, source: str) -> float | None:
+    prefix = (f'rilla_bridge_last_webhook_timestamp_seconds{{source="{source}",'
+              f'tenant="{tenant}"}} ')
+    for line in _lines(metrics(client)):
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return None
+
+
+def test_reconciled_calls_do_not_count_as_webhooks(fake_redis: fakeredis.FakeRedis,
+                                                   clock: FakeClock) -> None:
+    tenants = parse_tenants(TENANTS, env={})
+    lc = make_lifecycle(fake_redis, clock, Settings(), tenants)
+    lc.receive(source="callrail", tenant="acme", kind="post_call", body=b'{"id": 1}',
+               call_id="CAL1", lane="reconcile")
+    assert fake_redis.hgetall(keys.LAST_WEBHOOK) == {}
+    lc.receive(source="callrail", tenant="acme", kind="post_call", body=b'{"id": 2}',
+               call_id="CAL2")
+    assert fake_redis.hgetall(keys.LAST_WEBHOOK) == {b"acme|callrail": repr(clock.now()).encode()}
+
+
+def test_metrics_show_each_callrail_accounts_budget(client: FlaskClient, clock: FakeClock,
+                                                   fake_redis: fakeredis.FakeRedis) -> None:
+    """The series the "CallRail budget nearly spent" alert reads: the guard's own count."""
+    app = client.application
+    guard = app.config["RB_QUOTA"]
+    for i in range(3):
+        guard.submit("227799611", "live", {"n": i})
+    assert len(guard.take("227799611", max_jobs=3)) == 3
+    lines = _lines(metrics(client))
+    assert ('rilla_bridge_callrail_requests_used{account="227799611",window="hour"} 3.0'
+            in lines)
+    assert 'rilla_bridge_callrail_requests_used{account="227799611",window="day"} 3.0' in lines
+    assert ('rilla_bridge_callrail_requests_limit{account="227799611",window="hour"} 1000.0'
+            in lines)
+    assert ('rilla_bridge_callrail_requests_limit{account="227799611",window="day"} 10000.0'
+            in lines)
+    clock.advance(3700)   # the hour rolls, the day does not
+    lines = _lines(metrics(client))
+    assert ('rilla_bridge_callrail_requests_used{account="227799611",window="hour"} 0.0'
+            in lines)
+    assert 'rilla_bridge_callrail_requests_used{account="227799611",window="day"} 3.0' in lines
+
+
+def test_every_metric_the_alert_rules_read_is_exported(client: FlaskClient,
+                                                       fake_redis: fakeredis.FakeRedis) -> None:
+    """deploy/alerts.yml and /metrics cannot drift apart: a renamed metric fails here."""
+    rules = (Path(__file__).resolve().parents[3] / "deploy" / "alerts.yml").read_text()
+    wanted = set(re.findall(r"\b(rilla_bridge_[a-z_]+)", rules))
+    assert len(wanted) >= 9
+    raw = json.dumps({"resource_id": "CAL9"}).encode()
+    client.post("/webhooks/callrail/acme", data=raw,
+                headers={"Signature": callrail_signature("acme-signing-key-0001", raw)})
+    fake_redis.hset(keys.STATS, mapping={"outcome|dead_lettered|acme": 1, "rilla|503|acme": 1})
+    guard = client.application.config["RB_QUOTA"]
+    guard.submit("227799611", "live", {"n": 1})
+    guard.take("227799611")
+    exported = {line.split("{")[0].split(" ")[0] for line in _lines(metrics(client))
+                if line and not line.startswith("#")}
+    assert wanted <= exported, sorted(wanted - exported)

@@ -256,3 +256,72 @@ def test_delete(env: dict[str, str], letters: dict[str, str], fake_redis: redis.
     # A deleted dead letter is not replayed.
     again = cli(env, "dlq", "replay", letters["rejected"])
     assert "not an open dead letter" in again.output and "replayed 0 of 0" in again.output
+
+
+# -- a replay while a worker runs an older tenants file ------------------------------------------
+def _worker_running(text: str, fake_redis: redis.Redis, clock: FakeClock, tmp_path: Path,
+                    process: str = "worker") -> None:
+    """A worker process that reports running the tenants configuration ``text``."""
+    from rilla_bridge.tenant_config import LiveTenants, TenantsReloader, load_config
+
+    path = tmp_path / f"{process}-tenants.toml"
+    path.write_text(text)
+    settings = Settings(tenants_file=str(path))
+    reloader = TenantsReloader(settings, LiveTenants(load_config(settings, env={})), clock,
+                               client=fake_redis, process=process, env={})
+    reloader.member += process
+    reloader.report()
+
+
+def test_replay_warns_and_asks_while_a_worker_runs_an_older_file(
+        env: dict[str, str], letters: dict[str, str], fake_redis: redis.Redis,
+        clock: FakeClock, tmp_path: Path) -> None:
+    eid = letters["rejected"]
+    _worker_running(TENANTS, fake_redis, clock, tmp_path, "callrail")     # up to date
+    _worker_running(TENANTS + "\n# before the fix\n", fake_redis, clock, tmp_path)
+    refused = CliRunner().invoke(main, ["dlq", "replay", eid], env=env, input="n\n")
+    assert refused.exit_code == 1, refused.output
+    assert "1 of 2 worker(s) still run another tenants configuration" in refused.output
+    assert "replay not started (use --yes to replay anyway)" in refused.output
+    assert queued(fake_redis) == [] and open_letters(env)[0] == eid
+    forced = cli(env, "dlq", "replay", eid, "--yes")
+    assert "still run another tenants configuration" in forced.output   # still said
+    assert "replayed 1 of 1 dead letter(s)" in forced.output and queued(fake_redis) == [eid]
+
+
+def test_replay_does_not_ask_when_every_worker_runs_this_file(
+        env: dict[str, str], letters: dict[str, str], fake_redis: redis.Redis,
+        clock: FakeClock, tmp_path: Path) -> None:
+    _worker_running(TENANTS, fake_redis, clock, tmp_path)
+    result = cli(env, "dlq", "replay", letters["rejected"])
+    assert "warning" not in result.output and "replayed 1 of 1" in result.output
+
+
+def test_replay_wait_follows_to_the_outcomes(env: dict[str, str], letters: dict[str, str],
+                                             fake_redis: redis.Redis, clock: FakeClock,
+                                             history: HistoryProcess, rt: Runtime,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--wait``: the workers run the replayed events (here: while the command sleeps), and
+    the command lists how each ended; one died again (its start time is still unusable), so
+    the exit status is 1."""
+    def working_sleep(seconds: float) -> None:
+        clock.advance(seconds)
+        while queued(fake_redis):
+            eid = take(fake_redis)
+            event = rt.store.get(eid)
+            assert event is not None
+            process_event(rt, eid, event["tenant"])
+        drain(history)
+
+    monkeypatch.setattr(clock, "sleep", working_sleep)
+    _worker_running(TENANTS, fake_redis, clock, Path(env["TENANTS_FILE"]).parent)
+    fixed, broken = letters["rejected"], letters["start"]
+    result = CliRunner().invoke(main, ["dlq", "replay", fixed, broken, "--wait"], env=env)
+    assert result.exit_code == 1, result.output
+    assert "replayed 2 of 2 dead letter(s)" in result.output
+    assert "finished 2 of 2" in result.output            # plain progress: not a terminal
+    assert f"{broken}: dead again: transform: no usable start time" in result.output
+    assert fixed + ":" not in result.output               # delivered ones are only counted
+    assert result.output.strip().endswith("outcomes: 1 delivered, 1 dead again, 0 skipped")
+    for secret in SECRETS:
+        assert secret not in result.output

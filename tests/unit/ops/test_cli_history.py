@@ -106,7 +106,31 @@ def test_events_show_json(env: dict[str, str], seeded: dict[str, str]) -> None:
 
 def test_events_show_of_an_unknown_event_names_the_database(env: dict[str, str]) -> None:
     missing = cli(env, "events", "show", "ev_nope", ok=False)
-    assert "no event ev_nope in sqlite:///" in missing.output
+    assert "no event ev_nope in the history database sqlite:///" in missing.output
+    assert "Redis at redis://127.0.0.1:1/0 did not answer" in missing.output
+
+
+def test_events_show_says_where_it_looked(env: dict[str, str], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the wrong Redis/database an operator must see which ones were searched."""
+    import fakeredis
+
+    from ops.cli import common
+    from rilla_bridge import keys
+
+    fake = fakeredis.FakeRedis()
+    monkeypatch.setattr(common, "client", lambda settings: fake)
+    env = {**env, "REDIS_URL": "redis://:s3cret-redis-pass@10.0.0.7:6380/4"}
+    out = cli(env, "events", "show", "ev_nope", ok=False).output
+    assert "looked in the history database sqlite:///" in out
+    assert "and in Redis at redis://:***@10.0.0.7:6380/4" in out
+    assert "s3cret-redis-pass" not in out
+    # In progress, history not written yet: say so instead of "no event".
+    fake.hset(keys.event("ev_live"), mapping={"tenant": "acme", "status": "retry_scheduled",
+                                               "attempts": "2"})
+    out = cli(env, "events", "show", "ev_live", ok=False).output
+    assert "not in the history database sqlite:///" in out
+    assert "in progress in Redis at redis://:***@10.0.0.7:6380/4: status retry_scheduled" in out
 
 
 def test_events_list(env: dict[str, str], seeded: dict[str, str]) -> None:
@@ -184,9 +208,12 @@ def test_dlq_list_filters(env: dict[str, str], seeded: dict[str, str], args: lis
 def test_dlq_list_table(env: dict[str, str], seeded: dict[str, str]) -> None:
     lines = cli(env, "dlq", "list").output.splitlines()
     assert lines[0].split()[:3] == ["ID", "TENANT", "SOURCE"]
+    assert lines[0].split()[8] == "CODE"
     assert lines[1].split()[:5] == ["ev_3", "acme", "callrail", "422", "1"]
+    assert lines[1].split()[7] == "rilla_rejected"
     assert "2026-01-01 00:00:09" in lines[1]
     assert lines[2].split()[:5] == ["ev_4", "beta", "callingly", "-", "0"]
+    assert lines[2].split()[7] == "transform"
     assert lines[-1] == "2 dead letter(s)"
     assert cli(env, "dlq", "list", "--limit", "1").output.splitlines()[-1] == (
         "1 dead letter(s) (the first 1; more with --limit)")
@@ -202,8 +229,18 @@ def test_dlq_show(env: dict[str, str], seeded: dict[str, str]) -> None:
     assert entry["raw_event"]["resource_id"] == "CAL3"
     assert entry["first_failure_at"] and entry["failed_at"] and entry["received_at"]
     assert "is not in Rilla" in entry["response_body"]
-    by_key = json.loads(cli(env, "dlq", "show", entry["dead_letter_id"]).output)
+    by_key = json.loads(cli(env, "dlq", "show", entry["dead_letter_id"], "--json").output)
     assert by_key["id"] == "ev_3"
+    # For a person: labelled lines, readable UTC times, the raw event and payload indented.
+    human = cli(env, "dlq", "show", "ev_3").output
+    lines = human.splitlines()
+    assert lines[0] == "dead letter ev_3  (open)"
+    assert "  reason        rilla_rejected: " in human
+    assert "  Rilla said    422: " in human and "is not in Rilla" in human
+    assert "  last failed   2026-01-01 00:00:09 UTC" in lines
+    assert "raw event:" in lines and '    "resource_id": "CAL3",' in lines
+    assert "last payload sent to Rilla:" in lines and '    "title": "Jordan Pike"' in lines
+    assert not human.lstrip().startswith("{")
     missing = cli(env, "dlq", "show", "ev_nope", ok=False)
     assert "no dead letter ev_nope in sqlite:///" in missing.output
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fakeredis
+import pytest
 from click.testing import CliRunner
 
-from ops.cli import main
+from ops.cli import common, main
 
 ENV = {
     "ACME_RILLA_KEY": "acme-rilla-secret-111111",
@@ -34,6 +36,12 @@ webhook_token = "${ACME_CALLINGLY_TOKEN}"
 rilla_api_key = "prefix-${ACME_RILLA_KEY}-suffix"
 deliver_unrecorded = true
 """
+
+
+@pytest.fixture(autouse=True)
+def _redis(monkeypatch: pytest.MonkeyPatch, fake_redis: fakeredis.FakeRedis) -> None:
+    """`tenants check` also lists what the running processes report (none here)."""
+    monkeypatch.setattr(common, "client", lambda settings: fake_redis)
 
 
 def _run_check(tmp_path: Path, text: str, env: dict[str, str],

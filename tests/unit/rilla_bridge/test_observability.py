@@ -217,3 +217,30 @@ def test_redact_text_masks_url_tokens_whatever_a_server_quotes(text: str) -> Non
     request line before any tenant secret is registered (issue 14)."""
     out = redact_text(text)
     assert "zzzz9999" not in out and out.count("=" + FILTERED) == 1
+
+
+def test_raw_bytes_in_a_log_line_are_masked_whatever_the_field_is_called() -> None:
+    body = json.dumps({"note": RAW_BODY_MARK}).encode()
+    record = logging.LogRecord("rilla_bridge.worker", logging.ERROR, __file__, 1, "broke",
+                               None, None)
+    record.raw = body            # type: ignore[attr-defined]
+    record.chunk = bytearray(body)   # type: ignore[attr-defined]
+    record.size = len(body)      # type: ignore[attr-defined]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["raw"] == FILTERED and line["chunk"] == FILTERED
+    assert line["size"] == len(body)   # other fields are kept
+
+
+def test_raw_bytes_logged_as_extra_do_not_reach_sentry(
+        sentry_transport: CapturingTransport) -> None:
+    """Sentry turns bytes into text before ``before_send``; the log record still tells which
+    ``extra=`` fields held bytes (found by tests/integration/test_sentry_processes.py)."""
+    assert init_sentry(DSN, environment="test", component="worker", transport=sentry_transport)
+    body = json.dumps({"note": RAW_BODY_MARK}).encode()
+    logging.getLogger("rilla_bridge.worker").error(
+        "delivery broke", extra={"raw": body, "event_id": "ev_1", "text": "kept"})
+    sentry_sdk.flush()
+    text = _assert_clean(sentry_transport.events)
+    extra = sentry_transport.events[0]["extra"]
+    assert extra["raw"] == FILTERED and extra["event_id"] == "ev_1" and extra["text"] == "kept"
+    assert "delivery broke" in text

@@ -213,6 +213,8 @@ def test_fault_count_then_normal(client: FlaskClient) -> None:
     stats = client.get("/_sandbox/stats").get_json()
     assert stats["by_status"] == {"500": 2, "200": 1} and stats["requests"] == 3
     assert stats["upserts_by_event"] == {"appt-1": 1}
+    # API requests begun, none still being answered; control requests are not counted
+    assert (stats["started"], stats["in_progress"]) == (3, 0)
 
 
 def test_fault_until_cleared_and_per_key(client: FlaskClient) -> None:
@@ -287,7 +289,8 @@ def test_requests_log_reset_and_no_keys(client: FlaskClient, state: SandboxState
     client.post("/_sandbox/faults", json={"status": 500})
     assert client.post("/_sandbox/reset").status_code == 200
     assert client.get("/_sandbox/stats").get_json() == {
-        "requests": 0, "by_status": {}, "upserts_by_event": {}, "deletes": 0}
+        "requests": 0, "started": 0, "in_progress": 0, "by_status": {},
+        "upserts_by_event": {}, "deletes": 0}
     assert post(client, FULL)[0] == 200  # faults cleared, orgs kept
 
 
@@ -295,3 +298,18 @@ def test_parse_org_argument() -> None:
     assert _parse_org("k") == ("k", None)
     assert _parse_org("k=a@x,b@y") == ("k", ["a@x", "b@y"])
     assert _parse_org("k=") == ("k", [])
+
+
+def test_rilla_bridge_sandbox_rilla_help_documents_the_control_api() -> None:
+    from click.testing import CliRunner
+
+    from ops.cli import main
+
+    result = CliRunner().invoke(main, ["sandbox", "rilla", "--help"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.startswith("usage: rilla-bridge sandbox rilla")
+    for route in ("/_sandbox/faults", "/_sandbox/latency", "/_sandbox/orgs/KEY",
+                  "/_sandbox/appointments", "/_sandbox/reset"):
+        assert route in out, route
+    assert '"count"' in out and '"retry_after"' in out and '"api_key"' in out

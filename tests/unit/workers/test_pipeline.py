@@ -24,7 +24,7 @@ from rilla_bridge.clock import FakeClock, ms
 from rilla_bridge.history.records import Record
 from rilla_bridge.lifecycle import ClaimCode, Outcome
 from rilla_bridge.providers import callingly, callrail
-from rilla_bridge.tenants import parse_tenants
+from rilla_bridge.tenants import Tenant, parse_tenants
 from rilla_bridge.transform.merge import merge_snapshots
 from tests.fakes import ACME_KEY, TENANTS, FakeRilla, load, make_runtime
 from workers import pipeline
@@ -457,9 +457,15 @@ def test_malformed_body_is_dead_lettered(rt: Runtime, body: bytes) -> None:
     assert rilla(rt).calls == [] and finished(rt, eid)
 
 
+def editable(rt: Runtime) -> dict[str, Tenant]:
+    """The test runtime's tenants are a plain dict: a test edits the file in place."""
+    assert isinstance(rt.tenants, dict)
+    return rt.tenants
+
+
 def test_tenant_removed_from_file_is_dead_lettered(rt: Runtime) -> None:
     eid = ingest(rt, load("callrail", "post_call"))
-    del rt.tenants["acme"]
+    del editable(rt)["acme"]
     assert work(rt) == (eid, Outcome.DEAD)
     entry = dead(rt, eid)
     assert entry["reason_code"] == "config"
@@ -654,7 +660,8 @@ def test_the_worker_holds_the_event_and_the_calls_lock_in_its_heartbeat(
 
 
 class WorkerKilled(BaseException):
-    """The worker process dies mid-delivery (no ``finally`` of ours gets to settle)."""
+    """The worker process dies mid-delivery (SIGKILL: no code of ours runs any more, so
+    neither a settle nor the hand-back of a stopping worker, see test_shutdown.py)."""
 
 
 def test_a_killed_workers_event_and_lock_come_back_after_a_lease(
@@ -662,6 +669,7 @@ def test_a_killed_workers_event_and_lock_come_back_after_a_lease(
         monkeypatch: pytest.MonkeyPatch) -> None:
     rt = make_runtime(fake_redis, clock)
     eid = ingest(rt, load("callrail", "post_call"))
+    monkeypatch.setattr(pipeline, "hand_back", lambda *a: False)   # SIGKILL: nothing runs
 
     def killed() -> None:
         raise WorkerKilled
@@ -865,7 +873,7 @@ def test_a_dead_letter_keeps_the_last_payload_sent_when_a_later_run_fails_in_tra
     sent = rilla(rt).upserts[0]
     assert sent["user_email"] == "office@acme.example"
     # The tenants file changes before the retry: no default rep any more.
-    rt.tenants["acme"] = dataclasses.replace(rt.tenants["acme"], default_user_email=None)
+    editable(rt)["acme"] = dataclasses.replace(rt.tenants["acme"], default_user_email=None)
     clock.advance(retry_due(rt, eid) - clock.now())
     due_now(rt)
     assert work(rt) == (eid, Outcome.DEAD)
@@ -918,7 +926,7 @@ def test_replay_after_fixing_tenants_delivers_with_new_user(rt: Runtime) -> None
         '[tenants.beta.callrail]',
         '[tenants.beta.users]\n"dana@sunvalleyroofing.example" = "dana.w@beta.example"\n'
         '[tenants.beta.callrail]')
-    rt.tenants.update(parse_tenants(fixed, env={}))
+    editable(rt).update(parse_tenants(fixed, env={}))
     assert rt.lifecycle.replay(dead_row(rt, eid), "cli:ops")
     assert work(rt) == (eid, Outcome.DELIVERED)
     assert rilla(rt).upserts[-1]["user_email"] == "dana.w@beta.example"

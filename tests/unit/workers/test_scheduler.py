@@ -248,3 +248,47 @@ def test_the_default_jobs_tick_with_nothing_to_do(rt: Runtime) -> None:
     leases: Any = rt.redis.keys("rb:sched:*")
     assert {k.decode() for k in leases} == {
         keys.scheduler_job(n) for n in ("lanes", "callrail_dispatch", "reconcile")}
+
+
+# -- a restart: a stopping copy gives its job leases up ----------------------------------------
+
+def _counting(runs: list[str], name: str) -> Callable[[Runtime], int]:
+    def run(r: Runtime) -> int:
+        runs.append(name)
+        return 1
+    return run
+
+
+def test_a_stopping_copy_releases_its_leases_and_another_takes_every_job_at_once(
+        rt: Runtime, clock: FakeClock) -> None:
+    runs: list[str] = []
+    jobs_a = [Job("lanes", 0.25, _counting(runs, "a")), Job("reconcile", 5.0,
+                                                             _counting(runs, "a"))]
+    jobs_b = [Job("lanes", 0.25, _counting(runs, "b")), Job("reconcile", 5.0,
+                                                             _counting(runs, "b"))]
+    scheduler.tick(rt, jobs_a, "node-a")
+    scheduler.tick(rt, jobs_b, "node-b")       # the same instant: a holds both jobs
+    assert runs == ["a", "a"]
+    assert scheduler.release(rt, jobs_b, "node-b") == 0   # b holds nothing: nothing goes
+    assert scheduler.release(rt, jobs_a, "node-a") == 2
+    for job in jobs_b:
+        job.next_at = 0.0                      # b's next tick (its own pace), no time passed
+    scheduler.tick(rt, jobs_b, "node-b")
+    assert runs == ["a", "a", "b", "b"]        # without the release: reconcile 4.5 s later
+    owners: Any = [rt.redis.hget(keys.scheduler_job(n), "owner") for n in ("lanes",
+                                                                           "reconcile")]
+    assert owners == [b"node-b", b"node-b"]
+
+
+def test_run_forever_releases_its_leases_when_it_stops(
+        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    handlers: dict[int, Callable[..., None]] = {}
+    monkeypatch.setattr(signal, "signal",
+                        lambda signum, handler: handlers.__setitem__(signum, handler))
+
+    def stop_now(r: Runtime) -> int:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+        return 1
+
+    scheduler.run_forever(rt, [Job("job", 10.0, stop_now)], interval=0.25)
+    assert rt.redis.exists(keys.scheduler_job("job")) == 0
