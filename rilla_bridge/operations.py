@@ -375,8 +375,13 @@ class Operations:
     def export(self, selection: dict[str, Any], actor: str) -> Iterator[str]:
         """The selected open dead letters as JSON Lines (payload and Rilla's answer
         included, secrets masked). Raises ``jobs.JobError`` for a bad selection."""
-        jobs.selection_filter(selection)
-        self.lifecycle.audit(actor, "dlq.export", selection, 0)
+        f = jobs.selection_filter(selection)
+        if f is None:
+            count = len(set(selection["ids"]))   # at most: the open ones among them
+        else:
+            with reading(self.engine) as conn:
+                count = sum(queries.dead_letters_count(conn, f, jobs.MAX_SELECTED).values())
+        self.lifecycle.audit(actor, "dlq.export", selection, count)
 
         def lines() -> Iterator[str]:
             for row in jobs.selected_letters(self.engine, selection):

@@ -161,6 +161,7 @@ def test_export_is_json_lines_of_the_selection(api: FlaskClient, history_db: Eng
     drain(fake_redis, history_db)
     audit = api.get("/admin/api/audit", headers=AUTH).get_json()["audit"]
     assert audit[0]["action"] == "dlq.export" and audit[0]["actor"] == "api:alice"
+    assert audit[0]["count"] == 1 and audit[0]["selection"] == {"filter": {"tenant": "acme"}}
 
 
 # -- actions ----------------------------------------------------------------------------------
