@@ -247,12 +247,18 @@ class JobRunner:
         return get(self.engine, job_id)
 
     def loop(self) -> None:
+        quiet_until = 0.0
         while not self._stop.is_set():
             try:
                 if self.run_once() is not None:
                     continue
-            except Exception:
-                log.exception("job runner: cannot read the jobs table (retrying)")
+            except Exception as exc:
+                # The history database down, or not migrated yet: say so once a minute, not
+                # once a poll.
+                if self.clock.now() >= quiet_until:
+                    log.warning("job runner: cannot read the jobs table (retrying)",
+                                extra={"error": type(exc).__name__})
+                    quiet_until = self.clock.now() + 60
             self._stop.wait(self.poll_seconds)
 
     def start(self) -> None:
