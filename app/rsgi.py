@@ -183,10 +183,20 @@ def _no_write(data: bytes) -> None:
     raise RuntimeError("the write() callable of start_response is not supported")
 
 
+# How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
+# Webhooks are answered on the event loop thread while console and admin API requests run
+# in the pool; a page rendering holds the GIL, and each time the event loop wants it back
+# (after every Redis round trip) it waited up to the whole interval. At 0.5 ms a webhook's
+# answer time barely moves while an operator pages through the console (bench/console.py).
+GIL_SWITCH_INTERVAL_SECONDS = 0.0005
+
+
 def build() -> RsgiAdapter:
     """granian's factory target (``app.rsgi:build``): one app per worker process."""
     from app import create_app
     from rilla_bridge.settings import Settings
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
 
     settings = Settings.from_env()
     return RsgiAdapter(create_app(settings), max_body_bytes=settings.max_body_bytes,

@@ -35,6 +35,7 @@ Shared:
 - ``rb:run:{id}``            hash: progress of one reconciliation or backfill run
 - ``rb:recon:{tenant}``      lease: the tenant's last reconciliation start
 - ``rb:sched:{job}``         lease: which scheduler copy runs a periodic job this tick
+- ``rb:signin:{address}``    failed console sign-ins from one client address (expires)
 - ``rb:config:processes``    hash: process@host:pid -> the tenants configuration version it
                              runs, stamped (``rilla_bridge.tenant_config``)
 """
@@ -124,3 +125,7 @@ def reconcile(tenant: str) -> str:
 
 def scheduler_job(name: str) -> str:
     return f"rb:sched:{name}"
+
+
+def sign_in_failures(address: str) -> str:
+    return f"rb:signin:{address}"

@@ -5,29 +5,38 @@ through ``rilla_bridge.lifecycle`` (which records them in history and the audit 
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from rilla_bridge import keys
+from rilla_bridge import jobs, keys
+from rilla_bridge.celery_messages import QUEUE_CALLRAIL, QUEUE_EVENTS
 from rilla_bridge.clock import Clock
-from rilla_bridge.history import queries
+from rilla_bridge.history import overview, queries
 from rilla_bridge.history.db import reading, writing
 from rilla_bridge.history.models import calls as call_states
 from rilla_bridge.history.models import dead_letters, events, timeline
 from rilla_bridge.lifecycle import Lifecycle, dedup_digest, make_lifecycle
+from rilla_bridge.observability import FILTERED, redact_text
 from rilla_bridge.providers import SOURCES
+from rilla_bridge.quota import QuotaGuard
 from rilla_bridge.settings import Settings
-from rilla_bridge.tenants import Tenant
+from rilla_bridge.tenants import Tenant, mask
 
 # A bulk replay feeds a tenant's bulk lane only while it holds fewer than this many seconds
 # of work at the bulk pace: Redis holds what is about to run, history holds the rest.
 FEED_AHEAD_SECONDS = 4.0
+OVERVIEW_CACHE_SECONDS = 10.0
+REPLAY_BATCH = 100   # dead letters a replay reads from history per round trip
+T = TypeVar("T")
+SILENT_MIN_SECONDS = 2 * 3600
 
 
 @dataclass
@@ -47,46 +56,67 @@ class Operations:
         self.clock = clock
         self.tenants = tenants
         self.lifecycle = lifecycle or make_lifecycle(client, clock, settings, tenants)
+        self._overview_cache: tuple[float, dict[str, Any]] | None = None
 
     # -- dead letters ------------------------------------------------------------------------
     def replay(self, event_ids: Iterable[str], actor: str, *,
                progress: Callable[[int], None] | None = None,
-               cancelled: Callable[[], bool] | None = None) -> BulkResult:
+               cancelled: Callable[[], bool] | None = None, job: str | None = None
+               ) -> BulkResult:
         """Run dead letters again from their raw events, with today's tenants file, through
         their tenants' bulk lanes (paced, live events first). Feeds each lane only a few
         seconds ahead, so a replay of thousands never fills Redis with their bodies."""
         out = BulkResult()
         ids = list(event_ids)
-        for n, event_id in enumerate(ids, 1):
-            if cancelled and cancelled():
-                out.left += [(i, "cancelled") for i in ids[n - 1:]]
-                break
-            with reading(self.engine, 10.0) as conn:
-                found = queries.event(conn, event_id, with_body=True)
-            why = self._unreplayable(found)
-            if why is None and found is not None:
-                record = dict(found["event"])
-                record["body"] = bytes(record["body"])
-                self._wait_for_room(str(record["tenant"]))
-                if self.lifecycle.replay(record, actor):
-                    out.done += 1
-                else:
-                    why = "in progress, or replayed within the hour"
-            if why is not None:
-                out.left.append((event_id, why))
-            if progress:
-                progress(n)
-        self.lifecycle.audit(actor, "dlq.replay", {"ids": ids[:100], "count": len(ids)},
-                             out.done)
+        n = 0
+        for start in range(0, len(ids), REPLAY_BATCH):
+            chunk = ids[start:start + REPLAY_BATCH]
+            found = self._replay_records(chunk)
+            for event_id in chunk:
+                if cancelled and cancelled():
+                    out.left += [(i, "cancelled") for i in ids[n:]]
+                    self.lifecycle.audit(actor, "dlq.replay", _selection(ids, job), out.done)
+                    return out
+                n += 1
+                record = found.get(event_id)
+                why = self._unreplayable(record)
+                if why is None and record is not None:
+                    self._wait_for_room(str(record["tenant"]))
+                    if self.lifecycle.replay(record, actor):
+                        out.done += 1
+                    else:
+                        why = "in progress, or replayed within the hour"
+                if why is not None:
+                    out.left.append((event_id, why))
+                if progress:
+                    progress(n)
+        self.lifecycle.audit(actor, "dlq.replay", _selection(ids, job), out.done)
         return out
 
+    def _replay_records(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """What a replay needs of each event, ``REPLAY_BATCH`` at a time in two indexed
+        queries (not one ``queries.event`` each): its record with the raw body, and
+        ``open`` when it has an open dead letter."""
+        cols = [events.c[c] for c in ("id", "tenant", "source", "kind", "call_id",
+                                      "received_at", "body")]
+        with reading(self.engine, 10.0) as conn:
+            rows = {r["id"]: dict(r) for r in conn.execute(
+                sa.select(*cols).where(events.c.id.in_(ids))).mappings()}
+            open_ids = set(conn.execute(sa.select(dead_letters.c.event_id).where(
+                dead_letters.c.event_id.in_(ids), dead_letters.c.handled_at.is_(None)))
+                .scalars())
+        for event_id, row in rows.items():
+            row["open"] = event_id in open_ids
+            row["body"] = bytes(row["body"]) if row["body"] is not None else None
+        return rows
+
     @staticmethod
-    def _unreplayable(found: Mapping[str, Any] | None) -> str | None:
-        if found is None:
+    def _unreplayable(record: Mapping[str, Any] | None) -> str | None:
+        if record is None:
             return "no such event in history"
-        if not any(d.get("handled_at") is None for d in found.get("dead_letters") or []):
+        if not record.get("open"):
             return "not an open dead letter (replayed or deleted already?)"
-        if not found["event"].get("body"):
+        if not record.get("body"):
             return "its raw body was not kept (a lead event)"
         return None
 
@@ -116,12 +146,46 @@ class Operations:
             return "dead", f"{d.get('reason_code')}: {d.get('reason')}"
         return "pending", ""
 
-    def delete(self, event_ids: Iterable[str], actor: str) -> BulkResult:
+    def delete(self, event_ids: Iterable[str], actor: str, job: str | None = None
+               ) -> BulkResult:
         """Close dead letters without running them (history keeps the events)."""
         ids = list(event_ids)
         done = self.lifecycle.delete_dead_letters(ids, actor)
-        self.lifecycle.audit(actor, "dlq.delete", {"ids": ids[:100], "count": len(ids)}, done)
+        self.lifecycle.audit(actor, "dlq.delete", _selection(ids, job), done)
         return BulkResult(done=done)
+
+    def redeliver(self, event_id: str, actor: str) -> str:
+        """Deliver one event again now: a retry waiting goes to the head of its lane; a
+        finished event (delivered, skipped, dead) runs again from its raw body with today's
+        tenants file. Returns what was done, for the operator."""
+        tenant = self.redis.hget(keys.event(event_id), "tenant")
+        if tenant is not None:
+            done = self.lifecycle.requeue(event_id, _text(tenant), f"retry now by {actor}")
+            what = ("queued now" if done else
+                    "already queued or being delivered (nothing to do)")
+        else:
+            with reading(self.engine) as conn:
+                found = queries.event(conn, event_id, with_body=True)
+            if found is None:
+                raise LookupError(f"no event {event_id}")
+            record = dict(found["event"])
+            if not record.get("body"):
+                what = "its raw body was not kept (a lead event): nothing to deliver"
+            else:
+                record["body"] = bytes(record["body"])
+                what = ("queued again from its raw event" if self.lifecycle.replay(record, actor)
+                        else "refused: in progress, or replayed within the hour")
+        self.lifecycle.audit(actor, "event.redeliver", {"ids": [event_id]},
+                             0 if what.startswith(("already", "its", "refused")) else 1, what)
+        return what
+
+    def retry_event_now(self, event_id: str, actor: str) -> bool:
+        """One scheduled retry goes to the head of its tenant's lane now."""
+        tenant = self.redis.hget(keys.event(event_id), "tenant")
+        done = tenant is not None and self.lifecycle.requeue(
+            event_id, _text(tenant), f"retry now by {actor}")
+        self.lifecycle.audit(actor, "retry.now", {"ids": [event_id]}, int(done))
+        return bool(done)
 
     # -- waiting retries ---------------------------------------------------------------------
     def retries(self, tenant: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -277,6 +341,287 @@ class Operations:
     def _tenants(self, tenant: str | None) -> list[str]:
         return [tenant] if tenant else self.lifecycle.lanes.all_tenants()
 
+    # -- reads -------------------------------------------------------------------------------
+    def events(self, f: queries.EventFilter, limit: int = 50, before: str | None = None
+               ) -> queries.Page:
+        with reading(self.engine) as conn:
+            return queries.events_page(conn, f, limit, before, now=self.clock.now())
+
+    def event_detail(self, event_id: str) -> dict[str, Any] | None:
+        """One event for the console: record, timeline, dead letters, call state, same-call
+        events, the raw event and the last payload as formatted JSON, secrets masked."""
+        with reading(self.engine) as conn:
+            found = queries.event(conn, event_id, with_body=True)
+        if found is None:
+            return None
+        record = found["event"]
+        body = record.pop("body", None)
+        payload = record.pop("last_payload", None)
+        found["raw"] = _pretty(bytes(body)) if body else None
+        found["payload"] = _pretty(payload.encode()) if payload else None
+        found["in_redis"] = bool(self.redis.exists(keys.event(event_id)))
+        return masked(found)
+
+    def dead_letter_groups(self) -> list[dict[str, Any]]:
+        with reading(self.engine) as conn:
+            return masked(queries.dead_letter_groups(conn))
+
+    def dead_letters(self, f: queries.DeadLetterFilter, limit: int = 100,
+                     after: str | None = None) -> queries.Page:
+        with reading(self.engine) as conn:
+            page = queries.dead_letters_page(conn, f, limit, after)
+        return queries.Page(masked(page.rows), page.next)
+
+    def export(self, selection: dict[str, Any], actor: str) -> Iterator[str]:
+        """The selected open dead letters as JSON Lines (payload and Rilla's answer
+        included, secrets masked). Raises ``jobs.JobError`` for a bad selection."""
+        f = jobs.selection_filter(selection)
+        if f is None:
+            count = len(set(selection["ids"]))   # at most: the open ones among them
+        else:
+            with reading(self.engine) as conn:
+                count = sum(queries.dead_letters_count(conn, f, jobs.MAX_SELECTED).values())
+        self.lifecycle.audit(actor, "dlq.export", selection, count)
+
+        def lines() -> Iterator[str]:
+            for row in jobs.selected_letters(self.engine, selection):
+                yield json.dumps(masked(row), default=str) + "\n"
+        return lines()
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        with reading(self.engine) as conn:
+            return masked(queries.audit(conn, limit))
+
+    def _redis_state(self, tenants: list[str]) -> dict[str, Any]:
+        now = self.clock.now()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(QUEUE_EVENTS)
+            pipe.llen(QUEUE_CALLRAIL)
+            pipe.smembers(keys.PAUSED)
+            for t in tenants:
+                pipe.llen(keys.lane(t))
+                pipe.llen(keys.bulk_lane(t))
+                pipe.zcount(keys.inflight(t), int(now * 1000), "+inf")
+                pipe.zcard(keys.open_events(t))
+                pipe.zrange(keys.open_events(t), 0, 0, withscores=True)
+                pipe.zcard(keys.retry(t))
+                pipe.zcard(keys.bulk_retry(t))
+                pipe.zrange(keys.retry(t), 0, 0, withscores=True)
+                pipe.zrange(keys.bulk_retry(t), 0, 0, withscores=True)
+            q_events, q_callrail, paused, *per = pipe.execute()
+        out: dict[str, Any] = {"queues": {QUEUE_EVENTS: q_events, QUEUE_CALLRAIL: q_callrail},
+                               "paused": sorted(_text(p) for p in paused), "tenants": {}}
+        for i, t in enumerate(tenants):
+            (live, bulk, running, n_open, oldest, r_live, r_bulk, next_live,
+             next_bulk) = per[9 * i: 9 * i + 9]
+            nexts = [float(s) for _, s in [*next_live, *next_bulk]]
+            out["tenants"][t] = {
+                "waiting_live": live, "waiting_bulk": bulk, "in_flight": running,
+                "unfinished": n_open,
+                "oldest_pending_seconds": max(0.0, now - oldest[0][1]) if oldest else None,
+                "retries_waiting": r_live + r_bulk,
+                "next_retry_at": min(nexts) if nexts else None}
+        return out
+
+    def budgets(self) -> list[dict[str, Any]]:
+        """CallRail budget used and left per account the tenants file names, and any pause."""
+        accounts = sorted({t.callrail.account_id for t in self.tenants.values()
+                           if t.callrail and t.callrail.api_enabled and t.callrail.account_id})
+        guard = QuotaGuard.from_settings(self.settings, self.redis, self.lifecycle.scripts,
+                                         self.clock)
+        out = []
+        for a in accounts:
+            st = guard.status(a)
+            out.append({k: st[k] for k in ("account", "hourly_limit", "daily_limit", "hour_used",
+                                           "hour_left", "day_used", "day_left", "paused_until",
+                                           "waiting")})
+        return out
+
+    def overview(self) -> dict[str, Any]:
+        """The console's first page: per tenant and in total, last hour and day counts,
+        queue depths, oldest pending, retries, CallRail budgets, silent tenants, and the
+        per-minute series for the charts. Cached ``OVERVIEW_CACHE_SECONDS`` per process, so
+        a room full of operators costs the database one query set."""
+        now = self.clock.now()
+        cached = self._overview_cache
+        if cached and 0 <= now - cached[0] < OVERVIEW_CACHE_SECONDS:
+            return cached[1]
+        with reading(self.engine) as conn:
+            series = overview.per_minute(conn, now)
+            counts = overview.counts(series)
+            tenants = sorted(set(self.tenants) | set(counts))
+            last = {t: overview.last_received(conn, t) for t in tenants}
+        state = self._redis_state(tenants)
+        total = {w: dict.fromkeys(overview.COLUMNS, 0) for w in ("1h", "24h")}
+        rows = []
+        for t in tenants:
+            c = counts.get(t) or {"1h": dict.fromkeys(overview.COLUMNS, 0),
+                                  "24h": dict.fromkeys(overview.COLUMNS, 0)}
+            for w in total:
+                for k, n in c[w].items():
+                    total[w][k] += n
+            rows.append({"tenant": t, "configured": t in self.tenants, **c,
+                         **state["tenants"].get(t, {}), "paused": t in state["paused"],
+                         "last_received_at": last[t],
+                         "silent": silence(now, last[t], c["24h"]["received"])})
+        chart_series = {t: {k: v[k] for k in ("received", "delivered", "failed")}
+                        for t, v in series.items()}
+        result = {"now": now, "tenants": rows, "total": total, "queues": state["queues"],
+                  "paused": state["paused"], "callrail": self.budgets(),
+                  "chart": {"bucket_minutes": overview.BUCKET_MINUTES, "start": now - 86400,
+                            "series": chart_series}}
+        self._overview_cache = (now, result)
+        return result
+
+    # -- tenants -----------------------------------------------------------------------------
+    def webhook_urls(self, tenant: Tenant, base_url: str) -> dict[str, str]:
+        """The URLs to paste into CallRail and Callingly, the Callingly token masked."""
+        base = base_url.rstrip("/")
+        out = {}
+        if tenant.callrail:
+            out["callrail"] = f"{base}/webhooks/callrail/{tenant.slug}"
+        if tenant.callingly:
+            out["callingly"] = (f"{base}/webhooks/callingly/{tenant.slug}?token="
+                                f"****{tenant.callingly.webhook_tokens[0][-2:]}")
+        return out
+
+    def callingly_url(self, slug: str, base_url: str, actor: str) -> str:
+        """The Callingly webhook URL with its token, for the operator who asked (audited)."""
+        tenant = self.tenants.get(slug)
+        if tenant is None or tenant.callingly is None:
+            raise LookupError(f"tenant {slug} has no [callingly] section")
+        self.lifecycle.audit(actor, "tenant.reveal_callingly_token", {"tenant": slug}, 1)
+        return (f"{base_url.rstrip('/')}/webhooks/callingly/{slug}?token="
+                f"{tenant.callingly.webhook_tokens[0]}")
+
+    def tenants_info(self, base_url: str) -> list[dict[str, Any]]:
+        """Per configured tenant: webhook URLs (masked), secrets masked, last webhook per
+        source, last day's success rate, CallRail account, pause."""
+        ov = {r["tenant"]: r for r in self.overview()["tenants"]}
+        budgets = {b["account"]: b for b in self.budgets()}
+        out = []
+        with reading(self.engine) as conn:
+            for slug, t in sorted(self.tenants.items()):
+                day = (ov.get(slug) or {}).get("24h") or {}
+                finished = int(day.get("delivered", 0)) + int(day.get("dead", 0))
+                cr = t.callrail
+                out.append({
+                    "tenant": slug, "paused": bool((ov.get(slug) or {}).get("paused")),
+                    "urls": self.webhook_urls(t, base_url),
+                    "rilla_api_key": mask(t.rilla_api_key),
+                    "callrail": None if cr is None else {
+                        "signing_key": mask(cr.signing_keys), "account_id": cr.account_id,
+                        "company_id": cr.company_id, "api_key": mask(cr.api_key),
+                        "budget": budgets.get(cr.account_id or "")},
+                    "callingly": None if t.callingly is None else {
+                        "webhook_token": mask(t.callingly.webhook_tokens)},
+                    "last_webhook": {src: overview.last_received(conn, slug, src)
+                                     for src in ("callrail", "callingly")},
+                    "success_rate_24h": (round(int(day.get("delivered", 0)) / finished, 4)
+                                         if finished else None),
+                    "silent": (ov.get(slug) or {}).get("silent")})
+        return out
+
+    def pause(self, tenant: str, actor: str) -> None:
+        """Stop delivering the tenant's events (they keep arriving and wait durably)."""
+        self._known(tenant)
+        self.lifecycle.lanes.pause(tenant)
+        self._overview_cache = None
+        self.lifecycle.audit(actor, "tenant.pause", {"tenant": tenant}, 1)
+
+    def resume(self, tenant: str, actor: str) -> int:
+        """Deliver the tenant's events again; what waited drains through the lanes."""
+        self._known(tenant)
+        went = self.lifecycle.lanes.resume(tenant)
+        self._overview_cache = None
+        self.lifecycle.audit(actor, "tenant.resume", {"tenant": tenant}, 1)
+        return went
+
+    def _known(self, tenant: str) -> None:
+        if tenant not in self.tenants and tenant not in self.lifecycle.lanes.all_tenants():
+            raise LookupError(f"no tenant {tenant}")
+
+    # -- bulk jobs ---------------------------------------------------------------------------
+    def plan(self, action: str, selection: dict[str, Any], actor: str) -> dict[str, Any]:
+        job = jobs.plan(self.engine, self.clock, action, selection, actor)
+        self.lifecycle.audit(actor, f"job.plan_{action}", {**selection, "job": job["id"]},
+                             job["total"])
+        return masked(job)
+
+    def confirm(self, job_id: str, actor: str) -> dict[str, Any]:
+        job = jobs.confirm(self.engine, self.clock, job_id)
+        self.lifecycle.audit(actor, f"job.confirm_{job.get('action')}",
+                             {**(job.get("selection") or {}), "job": job_id}, job.get("total") or 0)
+        return job
+
+    def cancel(self, job_id: str, actor: str) -> dict[str, Any]:
+        job = jobs.cancel(self.engine, self.clock, job_id)
+        self.lifecycle.audit(actor, "job.cancel", {"job": job_id}, job.get("processed") or 0)
+        return job
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        return jobs.get(self.engine, job_id)
+
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return jobs.recent(self.engine, limit)
+
+    def sign_in(self, actor: str, address: str) -> None:
+        self.lifecycle.audit(actor, "console.sign_in", {"address": address}, 1)
+
+
+def _selection(ids: list[str], job: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"ids": ids[:100], "count": len(ids)}
+    if job:
+        out["job"] = job
+    return out
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_SECRET_KEY = re.compile(r"(signature|token|api[-_]?key|authorization|secret|password|"
+                         r"access_key|signing_key)", re.IGNORECASE)
+
+
+def masked(value: T, key: str = "") -> T:
+    """A deep copy for operators: values under secret-looking keys and every known secret,
+    recording ``access_key`` and token in any text replaced by ``[Filtered]``."""
+    return cast(T, _masked(value, key))
+
+
+def _masked(value: Any, key: str = "") -> Any:
+    if key and _SECRET_KEY.search(key) and isinstance(value, str | bytes):
+        return FILTERED
+    if isinstance(value, dict):
+        return {k: _masked(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, bytes):
+        return redact_text(value.decode("utf-8", "replace"))
+    return value
+
+
+def _pretty(raw: bytes) -> str:
+    """A body as indented JSON with secrets masked (as text when it is not JSON)."""
+    try:
+        return json.dumps(masked(json.loads(raw)), indent=2, sort_keys=True, default=str)
+    except ValueError:
+        return redact_text(raw.decode("utf-8", "replace"))
+
+
+def silence(now: float, last: float | None, received_24h: int) -> str | None:
+    """Why a tenant looks silent, or None: nothing ever received; nothing for a day; or a
+    gap much longer than its usual one (six of its last day's average gaps, two hours at
+    least). CallRail disables a webhook that keeps failing: silence is how that shows."""
+    if last is None:
+        return "nothing received yet"
+    quiet = now - last
+    if received_24h == 0:
+        return f"nothing for {quiet / 3600:.0f} h" if quiet >= 86400 else None
+    usual = 86400 / received_24h
+    if quiet > max(SILENT_MIN_SECONDS, 6 * usual):
+        return f"nothing for {quiet / 3600:.1f} h (usually one every {usual / 60:.0f} min)"
+    return None

@@ -172,6 +172,9 @@ class Settings:
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     history_retention_days: int = 30
     history_batch: int = 500   # stream entries the history process writes per transaction
+    # This service's public address (https://<app>.herokuapp.com): the webhook URLs the
+    # console and ``tenants urls`` print. Unset: the console uses the address it was reached at.
+    public_url: str = ""
 
     @property
     def database_url_masked(self) -> str:
@@ -251,6 +254,7 @@ class Settings:
             database_url=database_url(e.get("DATABASE_URL", "")),
             history_retention_days=_int(e, "HISTORY_RETENTION_DAYS", cls.history_retention_days),
             history_batch=_int(e, "HISTORY_BATCH", cls.history_batch),
+            public_url=_str(e, "PUBLIC_URL", cls.public_url).rstrip("/"),
         )
         s.validate()
         return s

@@ -6,7 +6,9 @@ atomic Lua scripts, so even two copies running a tick at once queue each event o
 - lanes: retries whose time has come go back to the head of their tenant's lane, events whose
   lease lapsed (a dead worker's) too, and tenants waiting for room in Celery's queue are
   served in turn (``rilla_bridge.lanes``);
-- CallRail dispatch and reconciliation (see workers/callrail_jobs.py).
+- CallRail dispatch and reconciliation (see workers/callrail_jobs.py);
+- in a thread of its own, the bulk jobs operators confirmed in the console or the admin API
+  (``rilla_bridge.jobs``): a paced replay of thousands never runs in a web request.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from types import FrameType
 import redis
 
 from rilla_bridge import keys, leases
+from rilla_bridge.history.db import make_engine
+from rilla_bridge.jobs import JobRunner
+from rilla_bridge.operations import Operations
 from workers import callrail_jobs
 from workers.runtime import Runtime
 
@@ -68,6 +73,15 @@ def tick(rt: Runtime, jobs: list[Job], node: str) -> None:
             log.warning("scheduler job failed", extra={"job": job.name, "error": repr(exc)})
         except Exception:
             log.exception("scheduler job crashed", extra={"job": job.name})
+
+
+def start_job_runner(rt: Runtime) -> JobRunner:
+    """The bulk-job thread, on its own history engine and Redis-backed Operations."""
+    engine = make_engine(rt.settings)
+    ops = Operations(rt.settings, rt.redis, engine, rt.clock, rt.tenants, rt.lifecycle)
+    runner = JobRunner(ops, engine, rt.clock)
+    runner.start()
+    return runner
 
 
 def release(rt: Runtime, jobs: list[Job], node: str) -> int:

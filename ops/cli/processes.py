@@ -14,11 +14,15 @@ def scheduler() -> None:
     # Imported here, as in the commands below: only the command that runs a process loads
     # what that process needs (workers, gevent, a sandbox).
     from workers.runtime import runtime, watch_config
-    from workers.scheduler import run_forever
+    from workers.scheduler import run_forever, start_job_runner
 
     rt = runtime()
     watcher = watch_config("scheduler")
-    run_forever(rt)
+    runner = start_job_runner(rt)
+    try:
+        run_forever(rt)
+    finally:
+        runner.stop()
     if watcher:
         watcher.forget()
 

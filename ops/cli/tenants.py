@@ -7,6 +7,9 @@ from dataclasses import replace
 import click
 
 from ops.cli import common, main
+from rilla_bridge.clock import SystemClock
+from rilla_bridge.operations import Operations
+from rilla_bridge.settings import Settings
 from rilla_bridge.tenants import mask
 
 
@@ -41,3 +44,62 @@ def tenants_check(path: str | None) -> None:
         if not t.callrail and not t.callingly:
             click.echo("    (no [callrail] or [callingly] section: its webhooks answer 404)")
     common.print_process_versions(settings, config.version)
+
+
+# -- delivery pause and webhook URLs (the console's tenant actions, same service layer) -------
+def _tenant_operations(settings: Settings) -> Operations:
+    from rilla_bridge.history.db import make_engine
+
+    return Operations(settings, common.client(settings), make_engine(settings), SystemClock(),
+                      common.tenants(settings))
+
+
+@tenants.command("pause")
+@click.argument("slug")
+def tenants_pause(slug: str) -> None:
+    """Stop delivering a tenant's events (webhooks keep arriving and wait durably)."""
+    settings = common.settings()
+    try:
+        _tenant_operations(settings).pause(slug, common.actor())
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{slug}: delivery paused (resume with `rilla-bridge tenants resume {slug}`)")
+
+
+@tenants.command("resume")
+@click.argument("slug")
+def tenants_resume(slug: str) -> None:
+    """Deliver a tenant's events again; what waited drains through its lanes."""
+    settings = common.settings()
+    try:
+        went = _tenant_operations(settings).resume(slug, common.actor())
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{slug}: delivery resumed ({went} event(s) dispatched at once)")
+
+
+@tenants.command("urls")
+@click.argument("slug", required=False)
+@click.option("--base-url", help="this service's public address (default: PUBLIC_URL)")
+@click.option("--show-token", is_flag=True,
+              help="print the Callingly URL with its token (recorded in the audit log)")
+def tenants_urls(slug: str | None, base_url: str | None, show_token: bool) -> None:
+    """The webhook URLs to paste into CallRail and Callingly (the token masked)."""
+    settings = common.settings()
+    base = (base_url or settings.public_url).rstrip("/")
+    if not base:
+        raise click.ClickException("give --base-url https://<your-app> or set PUBLIC_URL")
+    ops = _tenant_operations(settings)
+    chosen = [slug] if slug else sorted(ops.tenants)
+    for name in chosen:
+        tenant = ops.tenants.get(name)
+        if tenant is None:
+            raise click.ClickException(f"no tenant {name} in {settings.tenants_file}")
+        urls = ops.webhook_urls(tenant, base)
+        if show_token and "callingly" in urls:
+            urls["callingly"] = ops.callingly_url(name, base, common.actor())
+        click.echo(f"{name}:")
+        for source, url in urls.items():
+            click.echo(f"  {source:<9} {url}")
+        if not urls:
+            click.echo("  (no [callrail] or [callingly] section)")

@@ -64,6 +64,10 @@ events = sa.Table(
     sa.Index(None, "call_id", "tenant", "source"),
     # retention
     sa.Index(None, "finished_at"),
+    # the console's overview and per-minute chart: one index-only range scan of the last day
+    sa.Index("ix_events_received_at_tenant_status", "received_at", "tenant", "status"),
+    # the tenants page: the last webhook per source
+    sa.Index("ix_events_tenant_source_received_at", "tenant", "source", "received_at"),
 )
 
 timeline = sa.Table(
@@ -115,7 +119,8 @@ dead_letters = sa.Table(
     sa.Column("handled_by", sa.Text),
     sa.Index(None, "event_id"),
     # open ones: grouped (tenant x reason x status) and listed by failure time
-    sa.Index("ix_dead_letters_open_group", "tenant", "reason_code", "status_code",
+    # (failed_at last: a group's newest sample is one step down the index; migration 0002)
+    sa.Index("ix_dead_letters_open_group", "tenant", "reason_code", "status_code", "failed_at",
              sqlite_where=_open, postgresql_where=_open),
     sa.Index("ix_dead_letters_open_failed_at", "failed_at",
              sqlite_where=_open, postgresql_where=_open),
@@ -133,4 +138,29 @@ audit_log = sa.Table(
     sa.Column("count", sa.Integer),
     sa.Column("detail", sa.Text),
     sa.Index(None, "at"),
+)
+
+# Bulk actions an operator planned in the console or the API (``rilla_bridge.jobs``): the web
+# process writes the plan, the scheduler process runs a confirmed one at the bulk pace and
+# writes its progress here, so no web request ever runs one.
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.Text, primary_key=True),                # job_<hex>
+    sa.Column("action", sa.Text, nullable=False),              # replay | delete
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("selection", sa.JSON, nullable=False),           # {"ids": [...]} or a filter
+    sa.Column("status", sa.Text, nullable=False),              # planned | queued | running |
+    sa.Column("total", sa.Integer, nullable=False),            # done | cancelled | failed
+    sa.Column("done", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("processed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("note", sa.Text),
+    sa.Column("cancel", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("runner", sa.Text),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("confirmed_at", Time),
+    sa.Column("started_at", Time),
+    sa.Column("heartbeat_at", Time),
+    sa.Column("finished_at", Time),
+    sa.Index(None, "status", "created_at"),                   # the runner's next job
+    sa.Index(None, "created_at"),                             # the jobs list
 )

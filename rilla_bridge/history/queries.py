@@ -62,6 +62,8 @@ class DeadLetterFilter:
     source: str | None = None
     reason: str | None = None         # a reason code, or a fragment of the reason text
     open_only: bool = True
+    # one group of ``dead_letter_groups``: tenant, reason code, Rilla status (None: no answer)
+    group: tuple[str, str, int | None] | None = None
 
     def matches(self, row: dict[str, Any]) -> bool:
         """Whether one dead letter row passes the filter (as the query would decide)."""
@@ -69,6 +71,9 @@ class DeadLetterFilter:
             return False
         if (self.tenant and row.get("tenant") != self.tenant) or (
                 self.source and row.get("source") != self.source):
+            return False
+        if self.group and (row.get("tenant"), row.get("reason_code"),
+                           row.get("status_code")) != tuple(self.group):
             return False
         if self.reason:
             r = self.reason.strip().lower()
@@ -216,6 +221,11 @@ def _dead_letter_query(f: DeadLetterFilter) -> Any:
         q = q.where(dead_letters.c.tenant == f.tenant)
     if f.source:
         q = q.where(dead_letters.c.source == f.source)
+    if f.group:
+        tenant, code, status = f.group
+        q = q.where(dead_letters.c.tenant == tenant, dead_letters.c.reason_code == code,
+                    dead_letters.c.status_code.is_(None) if status is None
+                    else dead_letters.c.status_code == status)
     if f.reason:
         r = f.reason.strip()
         q = q.where(sa.or_(sa.func.lower(dead_letters.c.reason_code) == r.lower(),
@@ -237,6 +247,14 @@ def dead_letters_page(conn: Connection, f: DeadLetterFilter, limit: int = MAX_LI
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows, _cursor(rows[-1]["failed_at"], rows[-1]["id"]) if more else None)
+
+
+def dead_letters_count(conn: Connection, f: DeadLetterFilter, cap: int = 1_000_000
+                       ) -> dict[str, int]:
+    """How many dead letters match ``f`` per tenant (at most ``cap`` counted)."""
+    inner = _dead_letter_query(f).limit(cap).subquery()
+    q = sa.select(inner.c.tenant, sa.func.count()).group_by(inner.c.tenant)
+    return {str(t): int(n) for t, n in conn.execute(q)}
 
 
 def dead_letter(conn: Connection, ident: str) -> dict[str, Any] | None:
@@ -267,7 +285,8 @@ def dead_letter_groups(conn: Connection, limit: int = 200) -> list[dict[str, Any
         status = (dead_letters.c.status_code.is_(None) if g["status_code"] is None
                   else dead_letters.c.status_code == g["status_code"])
         sample = conn.execute(
-            sa.select(dead_letters.c.id, dead_letters.c.event_id, dead_letters.c.reason)
+            sa.select(dead_letters.c.id, dead_letters.c.event_id, dead_letters.c.reason,
+                      dead_letters.c.response_body)
             .where(dead_letters.c.handled_at.is_(None), dead_letters.c.tenant == g["tenant"],
                    dead_letters.c.reason_code == g["reason_code"], status)
             .order_by(dead_letters.c.failed_at.desc()).limit(1)).mappings().first()
