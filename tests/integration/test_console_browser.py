@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import requests
+from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.integration.test_delivery import ACME_KEY, BETA_KEY, call_body, post_ok, until
 from tests.support import RedisServer
@@ -67,6 +69,14 @@ def shot(driver: Any, name: str) -> None:
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
 
+def follow(driver: Any, element: Any) -> None:
+    """Click a link or a form's button and wait for the page it leads to: reading the page
+    straight after a click can catch the old one, whose elements then go stale."""
+    old = driver.find_element("tag name", "html")
+    element.click()
+    WebDriverWait(driver, 10).until(staleness_of(old))
+
+
 def text(driver: Any) -> str:
     return str(driver.find_element("tag name", "body").text)
 
@@ -83,7 +93,7 @@ def sign_in(driver: Any, base: str, token: str, name: str = "Dana") -> None:
     driver.get(f"{base}/console/")
     driver.find_element("name", "operator").send_keys(name)
     driver.find_element("name", "token").send_keys(token)
-    driver.find_element("css selector", "form button[type=submit]").click()
+    follow(driver, driver.find_element("css selector", "form button[type=submit]"))
 
 
 def test_on_call_console_end_to_end(system: System, browser: Any) -> None:
@@ -108,10 +118,10 @@ def test_on_call_console_end_to_end(system: System, browser: Any) -> None:
     # Find the call by the customer's phone, typed as a person would, and open its timeline.
     d.get(f"{s.web}/console/events")
     d.find_element("name", "phone").send_keys("(720) 555-0188")
-    d.find_element("css selector", "form.search button").click()
+    follow(d, d.find_element("css selector", "form.search button"))
     assert "Casey Jones" in text(d)
     shot(d, "03-events-search")
-    d.find_element("link text", delivered_id).click()
+    follow(d, d.find_element("link text", delivered_id))
     page = text(d)
     assert "Timeline" in page and "attempt" in page and "delivered" in page
     shot(d, "04-event-timeline")
@@ -127,10 +137,10 @@ def test_on_call_console_end_to_end(system: System, browser: Any) -> None:
         '"office@acme.example"')
     s.kill("worker", signal.SIGTERM)
     s.start_worker("worker-b", concurrency=4)
-    d.find_element("css selector", "button[name=action][value=replay]").click()
+    follow(d, d.find_element("css selector", "button[name=action][value=replay]"))
     assert "Confirm: replay 2 dead letter(s)" in text(d)
     shot(d, "06-replay-plan")
-    d.find_element("css selector", "button.primary").click()
+    follow(d, d.find_element("css selector", "button.primary"))
     reload_until(d, lambda t: "done" in t and "2 / 2 processed" in t, 30, "the job to finish")
     shot(d, "07-replay-done")
     until(lambda: all(s.history.status(e) == "delivered" for e in failing), 30,
@@ -144,11 +154,11 @@ def test_on_call_console_end_to_end(system: System, browser: Any) -> None:
     # Pause a client, see it, resume it.
     d.get(f"{s.web}/console/tenants")
     section = d.find_element("id", "t-acme")
-    section.find_element("xpath", ".//button[normalize-space()='Pause delivery']").click()
+    follow(d, section.find_element("xpath", ".//button[normalize-space()='Pause delivery']"))
     assert "delivery paused" in d.find_element("id", "t-acme").text
     shot(d, "08-tenants-paused")
-    d.find_element("id", "t-acme").find_element(
-        "xpath", ".//button[normalize-space()='Resume delivery']").click()
+    follow(d, d.find_element("id", "t-acme").find_element(
+        "xpath", ".//button[normalize-space()='Resume delivery']"))
     assert "delivery paused" not in d.find_element("id", "t-acme").text
     d.get(f"{s.web}/console/retries")
     shot(d, "09-retries")
