@@ -211,8 +211,10 @@ class JobRunner:
         job_id = job["id"]
         last_beat = [self.clock.now()]
         cancelled_flag = [False]
+        processed_so_far = [0]
 
         def beat(processed: int, done: int | None = None) -> None:
+            processed_so_far[0] = processed
             now = self.clock.now()
             if now - last_beat[0] < 1.0 and processed < job["total"]:
                 return
@@ -228,8 +230,14 @@ class JobRunner:
         try:
             ids = [str(r["event_id"]) for r in selected_letters(self.engine, job["selection"])]
             if job["action"] == "replay":
+                def cancelled() -> bool:
+                    # Also while a replay waits for room in a lane: the heartbeat goes on
+                    # (no other copy takes the job over) and a cancel is seen within 1 s.
+                    beat(processed_so_far[0])
+                    return cancelled_flag[0]
+
                 result = self.ops.replay(ids, job["actor"], progress=beat,
-                                         cancelled=lambda: cancelled_flag[0], job=job_id)
+                                         cancelled=cancelled, job=job_id)
             else:
                 result = self.ops.delete(ids, job["actor"], job=job_id)
             left = [why for _, why in result.left]

@@ -81,7 +81,11 @@ class Operations:
                 record = found.get(event_id)
                 why = self._unreplayable(record)
                 if why is None and record is not None:
-                    self._wait_for_room(str(record["tenant"]))
+                    if not self._wait_for_room(str(record["tenant"]), cancelled):
+                        out.left += [(i, "cancelled") for i in ids[n - 1:]]
+                        self.lifecycle.audit(actor, "dlq.replay", _selection(ids, job),
+                                             out.done)
+                        return out
                     if self.lifecycle.replay(record, actor):
                         out.done += 1
                     else:
@@ -120,10 +124,18 @@ class Operations:
             return "its raw body was not kept (a lead event)"
         return None
 
-    def _wait_for_room(self, tenant: str) -> None:
+    def _wait_for_room(self, tenant: str, cancelled: Callable[[], bool] | None) -> bool:
+        """Wait while the tenant's bulk lane holds a few seconds of work; False when the
+        replay is cancelled meanwhile. A paused tenant's lane does not drain: its replay
+        is queued at once and waits durably in the lane for the resume."""
         ahead = max(10, int(self.settings.bulk_rate_per_second * FEED_AHEAD_SECONDS))
         while self.redis.llen(keys.bulk_lane(tenant)) >= ahead:
+            if self.redis.sismember(keys.PAUSED, tenant):
+                return True
+            if cancelled and cancelled():
+                return False
             time.sleep(0.2)
+        return True
 
     def outcome(self, event_id: str, since: float) -> tuple[str, str]:
         """Where an event run again at ``since`` stands: ``pending`` (in progress, or history

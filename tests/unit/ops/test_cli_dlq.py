@@ -325,3 +325,53 @@ def test_replay_wait_follows_to_the_outcomes(env: dict[str, str], letters: dict[
     assert result.output.strip().endswith("outcomes: 1 delivered, 1 dead again, 0 skipped")
     for secret in SECRETS:
         assert secret not in result.output
+
+
+# -- a replay that meets a lane that does not drain ---------------------------------------------
+
+def _full_bulk_lane(client: redis.Redis, tenant: str) -> None:
+    """The tenant's bulk lane holding the few seconds of work a replay feeds ahead."""
+    client.rpush(keys.bulk_lane(tenant), *[f"ev_waiting{i}" for i in range(200)])
+
+
+def _no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rilla_bridge import operations
+
+    def never(_: float) -> None:
+        raise AssertionError("the replay waited for a lane that does not drain")
+
+    monkeypatch.setattr(operations.time, "sleep", never)
+
+
+def test_a_paused_tenants_replay_is_queued_at_once_not_waited_for(
+        letters: dict[str, str], fake_redis: redis.Redis, history_db: Engine, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from rilla_bridge.operations import Operations
+
+    ops = Operations(Settings(), fake_redis, history_db, clock, parse_tenants(TENANTS, env={}))
+    ops.lifecycle.lanes.pause("acme")
+    _full_bulk_lane(fake_redis, "acme")
+    _no_waiting(monkeypatch)
+    result = ops.replay([letters["rejected"]], "cli:test")
+    assert result.done == 1 and result.left == []
+    assert fake_redis.lindex(keys.bulk_lane("acme"), -1) == letters["rejected"].encode()
+
+
+def test_a_replay_waiting_for_room_sees_its_cancel(
+        letters: dict[str, str], fake_redis: redis.Redis, history_db: Engine, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from rilla_bridge.operations import Operations
+
+    ops = Operations(Settings(), fake_redis, history_db, clock, parse_tenants(TENANTS, env={}))
+    _full_bulk_lane(fake_redis, "acme")
+    _no_waiting(monkeypatch)
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) > 1        # cancelled while it waits for room
+
+    result = ops.replay([letters["rejected"], letters["start"]], "cli:test",
+                        cancelled=cancelled)
+    assert result.done == 0
+    assert result.left == [(letters["rejected"], "cancelled"), (letters["start"], "cancelled")]
