@@ -87,10 +87,12 @@ class Intake:
             key = keys.auth_failures(req.client)
             try:
                 with self.lifecycle.redis.pipeline(transaction=True) as pipe:
+                    # The window starts with the first failure (SET NX, not EXPIRE NX, which
+                    # needs Redis 7: on 6.2 the MULTI would fail and nothing be counted).
+                    pipe.set(key, 0, ex=AUTH_WINDOW_SECONDS, nx=True)
                     pipe.incr(key)
-                    pipe.expire(key, AUTH_WINDOW_SECONDS, nx=True)
                     pipe.ttl(key)
-                    failures, _, ttl = pipe.execute()
+                    _, failures, ttl = pipe.execute()
             except redis.RedisError:
                 failures = 0   # a full or absent Redis: the plain 401, never an error
             if int(failures) > limit:
