@@ -145,11 +145,13 @@ class TenantsReloader:
         self.every = every
         self.env = env
         self.refused: tuple[str, str] | None = None   # (version, reason) of a refused change
+        self._seen: str | None = None   # a new version read once: applied when read again
         self.member = f"{process}@{socket.gethostname()}:{os.getpid()}"
         self._thread: threading.Thread | None = None
 
     def poll(self) -> str:
-        """Reload if the file changed: ``unchanged``, ``reloaded`` or ``refused``."""
+        """Reload if the file changed and stayed so for one check: ``unchanged``,
+        ``settling`` (changed; read again at the next check), ``reloaded`` or ``refused``."""
         if self.live.config.source == FROM_ENV:
             return "unchanged"   # the environment changes only with a restart
         try:
@@ -159,10 +161,15 @@ class TenantsReloader:
             return self._refuse("?", f"cannot read {self.live.config.source}: {exc.strerror}")
         version = version_of(text)
         if version == self.live.version:
-            self.refused = None
+            self.refused = self._seen = None
             return "unchanged"
         if self.refused and self.refused[0] == version:
             return "refused"   # logged already
+        if self._seen != version:
+            # Read the same text twice, a check apart, before using it: a file caught while
+            # an editor or a deploy tool is still writing it may parse with tenants missing.
+            self._seen = version
+            return "settling"
         try:
             tenants = parse_tenants(text, self.env)
         except ConfigError as exc:

@@ -96,6 +96,7 @@ def test_a_changed_file_is_swapped_in_whole(path: Path, clock: FakeClock) -> Non
     before = live.version
     assert reloader.poll() == "unchanged" and list(live) == ["acme"]
     path.write_text(TWO)
+    assert reloader.poll() == "settling" and list(live) == ["acme"]   # read it again first
     assert reloader.poll() == "reloaded"
     assert live.version == version_of(TWO) != before
     assert sorted(live) == ["acme", "beta"]
@@ -117,13 +118,31 @@ def test_a_bad_change_is_refused_and_the_old_configuration_kept(
     old = live.config
     path.write_text(bad)
     with caplog.at_level(logging.ERROR, "rilla_bridge.config"):
+        assert reloader.poll() == "settling"
         assert reloader.poll() == "refused"
         assert reloader.poll() == "refused"     # the same bad file: logged once
     assert live.config is old and list(live) == ["acme"]   # nothing of it applied
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(refusals) == 1 and reason in refusals[0].__dict__["reason"]
-    path.write_text(TWO)                        # fixed: taken at the next check
+    path.write_text(TWO)                        # fixed: taken once it reads the same twice
+    assert reloader.poll() == "settling"
     assert reloader.poll() == "reloaded" and sorted(live) == ["acme", "beta"]
+
+
+def test_a_file_caught_half_written_is_never_applied(path: Path, clock: FakeClock) -> None:
+    """A tool writing the file in pieces: the first read sees a shorter file that parses
+    (a tenant missing); by the next check it is whole, and only the whole one is applied."""
+    live, reloader = _reloader(path, clock)
+    path.write_text(TWO)
+    assert reloader.poll() == "settling"
+    assert reloader.poll() == "reloaded" and sorted(live) == ["acme", "beta"]
+    three = TWO + TWO.split("[tenants.beta]")[1].join(["[tenants.gamma]", ""]).replace(
+        "beta", "gamma")
+    path.write_text(ONE)                       # mid-write: only acme so far
+    assert reloader.poll() == "settling" and sorted(live) == ["acme", "beta"]
+    path.write_text(three)                     # the whole new file
+    assert reloader.poll() == "settling" and sorted(live) == ["acme", "beta"]
+    assert reloader.poll() == "reloaded" and sorted(live) == ["acme", "beta", "gamma"]
 
 
 def test_a_deleted_file_is_refused(path: Path, clock: FakeClock) -> None:
@@ -154,7 +173,8 @@ def test_each_process_reports_its_version_and_silent_ones_drop_out(
     assert fake_redis.ttl(keys.CONFIG_PROCESSES) > 0
     path.write_text(TWO)
     clock.advance(REPORT_STALE_SECONDS - 1)
-    worker.tick()           # the worker reloads; the web is silent (stopped)
+    worker.tick()           # the worker reads the change, then reloads it at its next check;
+    worker.tick()           # the web is silent (stopped)
     rows = process_versions(fake_redis, clock.now())
     assert {r["process"]: r["version"] for r in rows} == {"web": version_of(ONE),
                                                           "worker": version_of(TWO)}
@@ -168,6 +188,7 @@ def test_a_refused_change_is_reported_with_its_reason(
         path: Path, clock: FakeClock, fake_redis: fakeredis.FakeRedis) -> None:
     _, worker = _reloader(path, clock, fake_redis)
     path.write_text(TWO + "colour = 1\n")
+    worker.tick()
     worker.tick()
     (entry,) = [json.loads(v) for v in fake_redis.hvals(keys.CONFIG_PROCESSES)]
     assert entry["version"] == version_of(ONE)
