@@ -335,12 +335,10 @@ def _full_bulk_lane(client: redis.Redis, tenant: str) -> None:
 
 
 def _no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rilla_bridge import operations
-
     def never(_: float) -> None:
         raise AssertionError("the replay waited for a lane that does not drain")
 
-    monkeypatch.setattr(operations.time, "sleep", never)
+    monkeypatch.setattr("rilla_bridge.operations.time.sleep", never)
 
 
 def test_a_paused_tenants_replay_is_queued_at_once_not_waited_for(
