@@ -80,7 +80,7 @@ def selected_letters(engine: Engine, selection: dict[str, Any], limit: int = MAX
     f = selection_filter(selection)
     if f is None:
         with reading(engine) as conn:
-            for event_id in dict.fromkeys(selection["ids"]):
+            for event_id in list(dict.fromkeys(selection["ids"]))[:limit]:
                 found = queries.dead_letter(conn, event_id)
                 if found is not None and found.get("handled_at") is None:
                     found.pop("body", None)

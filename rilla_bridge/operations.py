@@ -33,6 +33,9 @@ from rilla_bridge.tenants import Tenant, mask
 # A bulk replay feeds a tenant's bulk lane only while it holds fewer than this many seconds
 # of work at the bulk pace: Redis holds what is about to run, history holds the rest.
 FEED_AHEAD_SECONDS = 4.0
+# Dead letters one export may hold (about 20 MB of JSON Lines): larger selections are
+# exported a group or a tenant at a time.
+EXPORT_MAX = 10_000
 OVERVIEW_CACHE_SECONDS = 10.0
 REPLAY_BATCH = 100   # dead letters a replay reads from history per round trip
 T = TypeVar("T")
@@ -386,17 +389,19 @@ class Operations:
 
     def export(self, selection: dict[str, Any], actor: str) -> Iterator[str]:
         """The selected open dead letters as JSON Lines (payload and Rilla's answer
-        included, secrets masked). Raises ``jobs.JobError`` for a bad selection."""
+        included, secrets masked), ``EXPORT_MAX`` at most: the web process builds the whole
+        answer in memory, beside the webhooks it serves. Raises ``jobs.JobError`` for a bad
+        selection."""
         f = jobs.selection_filter(selection)
         if f is None:
             count = len(set(selection["ids"]))   # at most: the open ones among them
         else:
             with reading(self.engine) as conn:
                 count = sum(queries.dead_letters_count(conn, f, jobs.MAX_SELECTED).values())
-        self.lifecycle.audit(actor, "dlq.export", selection, count)
+        self.lifecycle.audit(actor, "dlq.export", selection, min(count, EXPORT_MAX))
 
         def lines() -> Iterator[str]:
-            for row in jobs.selected_letters(self.engine, selection):
+            for row in jobs.selected_letters(self.engine, selection, EXPORT_MAX):
                 yield json.dumps(masked(row), default=str) + "\n"
         return lines()
 

@@ -164,6 +164,19 @@ def test_export_is_json_lines_of_the_selection(api: FlaskClient, history_db: Eng
     assert audit[0]["count"] == 1 and audit[0]["selection"] == {"filter": {"tenant": "acme"}}
 
 
+def test_an_export_holds_at_most_export_max_letters(api: FlaskClient, history_db: Engine,
+                                                    clock: FakeClock,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web process builds an export in memory: it is capped, by filter and by ids."""
+    seed(history_db, clock)
+    monkeypatch.setattr("rilla_bridge.operations.EXPORT_MAX", 1)
+    for selection in ({"filter": {}}, {"ids": ["ev_dead1", "ev_dead2"]}):
+        resp = api.post("/admin/api/dead-letters/export", headers=AUTH,
+                        json={"selection": selection})
+        assert resp.status_code == 200
+        assert len(resp.get_data(as_text=True).splitlines()) == 1, selection
+
+
 # -- actions ----------------------------------------------------------------------------------
 def test_bulk_replay_plans_then_runs_in_the_runner_and_is_audited(
         app: Flask, api: FlaskClient, history_db: Engine, fake_redis: fakeredis.FakeRedis,
