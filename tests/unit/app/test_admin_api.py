@@ -170,7 +170,8 @@ def test_an_export_holds_at_most_export_max_letters(api: FlaskClient, history_db
     """The web process builds an export in memory: it is capped, by filter and by ids."""
     seed(history_db, clock)
     monkeypatch.setattr("rilla_bridge.operations.EXPORT_MAX", 1)
-    for selection in ({"filter": {}}, {"ids": ["ev_dead1", "ev_dead2"]}):
+    selections: list[dict[str, Any]] = [{"filter": {}}, {"ids": ["ev_dead1", "ev_dead2"]}]
+    for selection in selections:
         resp = api.post("/admin/api/dead-letters/export", headers=AUTH,
                         json={"selection": selection})
         assert resp.status_code == 200
