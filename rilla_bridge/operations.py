@@ -317,6 +317,12 @@ class Operations:
                 pipe.srem(keys.PAUSED, tenant)
                 pipe.srem(keys.TENANTS, tenant)
                 pipe.hdel(keys.LAST_WEBHOOK, *(f"{tenant}|{src}" for src in SOURCES))
+                # Its counters (``lifecycle.stats_fields``: each field ends in ``|tenant``),
+                # or /metrics would list the client for ever.
+                suffix = f"|{tenant}"
+                theirs = [f for f in r.hkeys(keys.STATS) if _text(f).endswith(suffix)]
+                if theirs:
+                    pipe.hdel(keys.STATS, *theirs)
                 pipe.execute()
         return counts
 

@@ -41,9 +41,19 @@ def at_deadline(hand_back_all: Callable[[str], int], restore: Callable[[], None]
         log.warning("could not restore unacked messages", extra={"error": repr(exc)})
     log.warning("worker shutdown deadline: exiting with work handed back",
                 extra={"handed_back": handed})
+    _flush_sentry()   # os._exit skips Sentry's own flush at exit: its last events would go
     sys.stderr.flush()
     exit_(0)
     return handed
+
+
+def _flush_sentry(timeout: float = 2.0) -> None:
+    try:
+        import sentry_sdk
+
+        sentry_sdk.flush(timeout=timeout)
+    except Exception:   # noqa: S110 - never let reporting stand between us and the exit
+        pass
 
 
 def _restore_unacked() -> None:

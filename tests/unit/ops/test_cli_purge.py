@@ -126,6 +126,8 @@ def test_purge_asks_then_removes_only_that_tenant(env: dict[str, str], stored: d
     assert not fake_redis.sismember(keys.TENANTS, "acme")
     assert fake_redis.sismember(keys.TENANTS, "beta")
     assert fake_redis.hkeys(keys.LAST_WEBHOOK) == [b"beta|callingly"]   # acme's went too
+    counters = [bytes(f).decode() for f in fake_redis.hkeys(keys.STATS)]  # type: ignore[arg-type]
+    assert counters and all(f.endswith("|beta") for f in counters), counters
     # SQL: acme's events, timelines, dead letters and calls are gone; beta's stay.
     for table in (events, dead_letters, calls):
         assert _count(history_db, table, tenant="acme") == 0
