@@ -18,8 +18,8 @@ import requests
 from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.integration.test_delivery import ACME_KEY, BETA_KEY, call_body, post_ok, until
-from tests.support import RedisServer
+from tests.integration.test_delivery import ACME_KEY, BETA_KEY, call_body, post_ok
+from tests.support import RedisServer, until
 from tests.system import ADMIN_TOKEN, ROOT, System
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]

@@ -24,7 +24,7 @@ import requests
 import sqlalchemy as sa
 
 from rilla_bridge.celery_messages import QUEUE_EVENTS
-from tests.support import RedisServer, TcpProxy
+from tests.support import RedisServer, TcpProxy, until
 from tests.system import BIN, ROOT, History, System
 
 pytestmark = pytest.mark.integration
@@ -46,21 +46,6 @@ def call_body(n: int, tenant: str = "acme", **change: Any) -> dict[str, Any]:
                  "agent_email": "mike@acme.example" if tenant == "acme" else ""})
     body.update(change)
     return body
-
-
-def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (requests.RequestException, redis.RedisError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def appointments(sys_: System, api_key: str | None = None) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ import json
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from rilla_bridge.providers.callrail import signature as callrail_signature
-from tests.support import RedisServer
+from tests.support import RedisServer, until
 from tests.system import ADMIN_TOKEN, ROOT, System
 
 pytestmark = pytest.mark.integration
@@ -207,17 +207,6 @@ class Capture:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture

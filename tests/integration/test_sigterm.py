@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import redis
 import requests
 
 from rilla_bridge import keys
-from tests.support import RedisServer
+from tests.support import RedisServer, until
 from tests.system import System
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,21 +42,6 @@ def call_body(n: int, tenant: str) -> dict[str, Any]:
     body.update({"resource_id": f"CAL{tenant[:2]}{n:030x}",
                  "agent_email": "mike@acme.example" if tenant == "acme" else ""})
     return body
-
-
-def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (requests.RequestException, redis.RedisError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def _text(v: Any) -> str:
