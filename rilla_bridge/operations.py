@@ -464,7 +464,15 @@ class Operations:
         """The console's first page: per tenant and in total, last hour and day counts,
         queue depths, oldest pending, retries, CallRail budgets, silent tenants, and the
         per-minute series for the charts. Cached ``OVERVIEW_CACHE_SECONDS`` per process, so
-        a room full of operators costs the database one query set."""
+        a room full of operators costs the database one query set; which tenants are
+        paused is read fresh each time (one SMEMBERS): a pause or resume made through
+        another web process shows at once."""
+        result = self._overview()
+        paused = sorted(_text(p) for p in self.redis.smembers(keys.PAUSED))
+        return {**result, "paused": paused,
+                "tenants": [{**r, "paused": r["tenant"] in paused} for r in result["tenants"]]}
+
+    def _overview(self) -> dict[str, Any]:
         now = self.clock.now()
         cached = self._overview_cache
         if cached and 0 <= now - cached[0] < OVERVIEW_CACHE_SECONDS:

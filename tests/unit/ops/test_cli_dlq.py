@@ -373,3 +373,20 @@ def test_a_replay_waiting_for_room_sees_its_cancel(
                         cancelled=cancelled)
     assert result.done == 0
     assert result.left == [(letters["rejected"], "cancelled"), (letters["start"], "cancelled")]
+
+
+def test_a_pause_through_another_web_process_shows_at_once(
+        fake_redis: redis.Redis, history_db: Engine, clock: FakeClock) -> None:
+    """Each web process caches the overview for a few seconds; which tenants are paused is
+    read fresh, so an operator never sees a pause undone (or done) by another process late."""
+    from rilla_bridge.operations import Operations
+
+    one, other = (Operations(Settings(), fake_redis, history_db, clock,
+                             parse_tenants(TENANTS, env={})) for _ in range(2))
+    assert not any(r["paused"] for r in one.overview()["tenants"])    # cached now
+    other.pause("acme", "console:test")
+    assert [r["tenant"] for r in one.overview()["tenants"] if r["paused"]] == ["acme"]
+    assert one.overview()["paused"] == ["acme"]
+    assert {t["tenant"]: t["paused"] for t in one.tenants_info("https://x")}["acme"]
+    other.resume("acme", "console:test")
+    assert not any(t["paused"] for t in one.tenants_info("https://x"))
