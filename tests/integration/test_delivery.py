@@ -171,23 +171,22 @@ def test_redis_restart_keeps_every_accepted_event(systems: Callable[..., System]
     s = systems(VISIBILITY_TIMEOUT_SECONDS="15")
     _everything(s, latency_ms=400, concurrency=10)  # a backlog builds: work is in flight
     accepted: list[int] = []
-    refused = 0
+    refused: list[int] = []
     stop_posting = threading.Event()
 
     def post_all() -> None:
-        nonlocal refused
         i = 0
         while not stop_posting.is_set() and i < 400:
             try:
                 r = s.post_callrail("acme", call_body(i))
             except requests.RequestException:
-                refused += 1
+                refused.append(i)
             else:
                 if r.status_code == 202:
                     accepted.append(i)
                 else:
                     assert r.status_code == 503, r.text
-                    refused += 1
+                    refused.append(i)
             i += 1
             time.sleep(0.01)
 
@@ -208,10 +207,14 @@ def test_redis_restart_keeps_every_accepted_event(systems: Callable[..., System]
 
     until(delivered, 90, f"all {len(want)} accepted events in the sandbox")
     print(f"\nRedis restart: {len(want)} accepted and delivered ({pending} still pending at "
-          f"the stop), {refused} refused (503)")
-    assert pending > 0
-    # Nothing that was refused reached Rilla by another path.
-    assert {a["event_id"] for a in appointments(s)} == want
+          f"the stop), {len(refused)} refused (503)")
+    assert pending > 0 and refused
+    # Nothing refused reached Rilla, except possibly the one request in flight when Redis shut
+    # down: its script ran and was saved, but the connection closed before the reply, so intake
+    # answered 503 for an event it does hold. That is the safe side of the ambiguity (delivered
+    # once, never lost); the poster sends one request at a time, so at most the first refused.
+    extra = {a["event_id"] for a in appointments(s)} - want
+    assert extra <= {f"callrail-{call_body(refused[0])['resource_id']}"}, (extra, refused[:3])
 
 
 # -- c) Rilla answers 500 for a while --------------------------------------------------------
