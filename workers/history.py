@@ -54,6 +54,13 @@ RETRY_LATER: tuple[type[Exception], ...] = (*db.UNAVAILABLE, sa.exc.ProgrammingE
 _SKIP_RETENTION: tuple[type[Exception], ...] = (redis.RedisError, *RETRY_LATER)
 
 BLOCK_MS = 1000
+# After a batch smaller than HISTORY_BATCH, wait this long before reading again, so that under
+# load each transaction carries many records: per batch the database pays a transaction, a
+# few statements and a commit, and Redis an acknowledgement, whatever its size. Measured at
+# ~450 deliveries/s (bench.delivery, 2 cores): reading at once gave batches of ~5 records,
+# and the history process spent 0.5 ms of CPU per event beside the workers; with this wait,
+# 0.13 ms. It adds at most this much to the time from delivery to history row.
+LINGER_SECONDS = 0.25
 CLAIM_IDLE_MS = 30_000
 CLAIM_EVERY = 10.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
@@ -117,7 +124,9 @@ class HistoryProcess:
         log.info("history started", extra={"consumer": self.consumer,
                                            "database": db.describe(self.engine)})
         while not self.stopping:
-            self.step()
+            done = self.step()
+            if 0 < done < self.batch_size:
+                self._sleep(LINGER_SECONDS)
         log.info("history stopped", extra={"consumer": self.consumer})
 
     def stop(self, *_: Any) -> None:
@@ -290,7 +299,10 @@ class HistoryProcess:
     # -- housekeeping -----------------------------------------------------------------------
     def _pause(self) -> None:
         self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
-        remaining = self._backoff
+        self._sleep(self._backoff)
+
+    def _sleep(self, seconds: float) -> None:
+        remaining = seconds
         while remaining > 0 and not self.stopping:   # SIGTERM ends a pause at once
             chunk = min(0.25, remaining)
             self.clock.sleep(chunk)

@@ -112,12 +112,18 @@ class Batch:
         if new:
             self.conn.execute(events.insert(), [row | {"body": self.bodies.get(row["id"])}
                                                 for row in new])
-        if changed:
-            columns = [n for n in EVENT_COLUMNS if n != "id"]
+        # Only the columns that changed, one statement per set of them (a step changes the
+        # same few, so a batch has one or two): the database sends and checks less per row.
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in changed:
+            before = self.before[row["id"]]
+            columns = tuple(n for n in EVENT_COLUMNS if n != "id" and row[n] != before[n])
+            by_columns.setdefault(columns, []).append(
+                {"_id": row["id"], **{n: row[n] for n in columns}})
+        for columns, params in by_columns.items():
             stmt = (events.update().where(events.c.id == sa.bindparam("_id"))
                     .values({n: sa.bindparam(n) for n in columns}))
-            self.conn.execute(stmt, [{"_id": row["id"], **{n: row[n] for n in columns}}
-                                     for row in changed])
+            self.conn.execute(stmt, params)
         fill = [{"_id": eid, "_body": body} for eid, body in self.bodies.items()
                 if eid in self.before]
         if fill:
