@@ -18,9 +18,10 @@ from rilla_bridge.history.models import events
 DAY = 86400.0
 HOUR = 3600.0
 MINUTE = 60
-# The overview's series count events per 5 minutes: 288 points a day per line, what a chart
-# 340 px wide can show, and 5x fewer rows from the database than per minute.
-BUCKET_MINUTES = 5
+# The overview's series count events per minute: 1,440 points a day per line, so the chart
+# shows the minute a tenant stopped delivering. The database groups them (one row per tenant
+# and minute with events, not one per event); the chart draws a flat run as its two ends.
+BUCKET_MINUTES = 1
 
 # How an event's status counts on the overview: retrying covers every "not yet, later" state.
 RETRYING = ("retry_scheduled", "waiting", "waiting_recording")
@@ -66,19 +67,25 @@ def per_minute(conn: Connection, now: float, minutes: int = 1440
          .where(events.c.received_at >= since, events.c.received_at <= now)
          .group_by(events.c.tenant, bucket))
     out: dict[str, dict[str, list[int]]] = {}
-    for row in conn.execute(q):
-        b = min(int(row.b), buckets - 1)   # received this very second: the last bucket
+    # Up to a row per tenant and minute (28,800 for 20 busy tenants): plain tuples, no
+    # per-row lookups by name.
+    for tenant, b, received, delivered, skipped, dead, retrying in conn.execute(q):
+        b = min(int(b), buckets - 1)   # received this very second: the last bucket
         if b < 0:
             continue
-        series = out.setdefault(str(row.tenant or "?"), {
-            c: [0] * buckets for c in (*COLUMNS, "failed")})
-        done = 0
-        for c in ("received", "delivered", "skipped", "dead", "retrying"):
-            n = int(getattr(row, c) or 0)
-            series[c][b] += n
-            done += n if c != "received" else 0
-        series["failed"][b] += int(row.dead or 0)
-        series["pending"][b] += int(row.received) - done
+        name = str(tenant or "?")
+        series = out.get(name)
+        if series is None:   # not setdefault: its default would be built for every row
+            series = out[name] = {c: [0] * buckets for c in (*COLUMNS, "failed")}
+        received, delivered, skipped = int(received), int(delivered or 0), int(skipped or 0)
+        dead, retrying = int(dead or 0), int(retrying or 0)
+        series["received"][b] += received
+        series["delivered"][b] += delivered
+        series["skipped"][b] += skipped
+        series["dead"][b] += dead
+        series["failed"][b] += dead
+        series["retrying"][b] += retrying
+        series["pending"][b] += received - delivered - skipped - dead - retrying
     return out
 
 
