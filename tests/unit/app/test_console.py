@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -214,3 +215,22 @@ def test_static_files_are_vendored(console: FlaskClient) -> None:
     finally:
         css.close()
         js.close()
+
+
+def test_the_charts_are_drawn_once_per_cached_overview(console: FlaskClient,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.console import pages
+    from app.console.chart import chart_svg
+
+    drawn: list[str] = []
+    real = chart_svg
+
+    def counting(tenant: str, series: dict[str, list[int]], start: float) -> Any:
+        drawn.append(tenant)
+        return real(tenant, series, start)
+
+    monkeypatch.setattr(pages, "chart_svg", counting)
+    first = console.get("/console/").get_data(as_text=True)
+    second = console.get("/console/").get_data(as_text=True)
+    assert drawn == ["acme", "beta"]   # the first page drew them, the second reused them
+    assert first.count("<path ") == second.count("<path ") == 6
