@@ -230,6 +230,33 @@ def test_run_forever_stops_on_sigterm(fake_redis: fakeredis.FakeRedis, history_d
     assert len(rounds) == 3
 
 
+def test_after_a_small_batch_it_waits_so_the_next_carries_more(
+        fake_redis: fakeredis.FakeRedis, history_db: Engine, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    process = make(fake_redis, history_db, clock)   # batches of up to 50
+    feed(fake_redis, clock, 3)                      # 7 entries: one small batch
+    rounds: list[tuple[float, int, float]] = []     # (started, entries written, ended)
+    real_step = process.step
+
+    def step() -> int:
+        started = clock.now()
+        done = real_step()
+        if not rounds:
+            feed(fake_redis, clock, 30, prefix="big_")   # 61 entries arrive meanwhile
+        rounds.append((started, done, clock.now()))
+        if len(rounds) == 3:
+            process.stop()
+        return done
+
+    monkeypatch.setattr(process, "step", step)
+    process.run_forever()
+    assert [n for _, n, _ in rounds] == [7, 50, 11]
+    # After the small first batch, a wait of LINGER_SECONDS; after a full one, none.
+    assert rounds[1][0] - rounds[0][2] == pytest.approx(history.LINGER_SECONDS)
+    assert rounds[2][0] == pytest.approx(rounds[1][2])
+    assert counts(history_db)["events"] == 33 and pending(fake_redis) == 0
+
+
 def test_a_pause_ends_at_sigterm(fake_redis: fakeredis.FakeRedis, broken: Engine,
                                  clock: FakeClock) -> None:
     process = make(fake_redis, broken, clock)

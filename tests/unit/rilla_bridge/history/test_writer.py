@@ -208,3 +208,23 @@ def test_values_from_redis_strings_are_typed(history_db: Engine, rec: HistoryRec
     row = event_row(history_db, "ev_1")
     assert (row["attempts"], row["last_status"], row["next_attempt_at"]) == (
         2, None, 1767225700.25)
+
+
+def test_rows_changing_different_columns_in_one_batch_keep_the_rest(
+        history_db: Engine, rec: HistoryRecords, clock: FakeClock) -> None:
+    """An UPDATE sets only what changed, one statement per set of columns: two events that
+    change different columns in one batch each get theirs, and nothing else moves."""
+    apply(history_db, [rec.received("ev_1", call_id="CAL1"),
+                       rec.received("ev_2", call_id="CAL2")])
+    before = {e: event_row(history_db, e) for e in ("ev_1", "ev_2")}
+    clock.advance(5)
+    apply(history_db, [rec.attempt("ev_1", 1, 200, "delivered", last_payload={"ok": 1}),
+                       rec.step("ev_2", None, reason="waiting for its recording")])
+    one, two = event_row(history_db, "ev_1"), event_row(history_db, "ev_2")
+    assert (one["status"], one["attempts"], one["last_status"]) == ("delivered", 1, 200)
+    assert one["finished_at"] is not None and one["reason"] is None
+    assert (two["status"], two["reason"]) == ("queued", "waiting for its recording")
+    assert two["attempts"] == 0 and two["finished_at"] is None
+    for e, row in (("ev_1", one), ("ev_2", two)):
+        for column in ("tenant", "source", "kind", "call_id", "received_at", "customer_phone"):
+            assert row[column] == before[e][column], (e, column)
