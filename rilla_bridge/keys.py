@@ -38,6 +38,8 @@ Shared:
 - ``rb:signin:{address}``    failed console sign-ins from one client address (expires)
 - ``rb:config:processes``    hash: process@host:pid -> the tenants configuration version it
                              runs, stamped (``rilla_bridge.tenant_config``)
+- ``rb:console:overview``    the console's overview as the scheduler last computed it
+                             (zlib-compressed JSON, expires; ``Operations.publish_overview``)
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ LAST_WEBHOOK = "rb:last_webhook"
 READY_PROBE = "rb:readyz"
 QUOTA_PREFIX = "rb:cr"
 CONFIG_PROCESSES = "rb:config:processes"
+OVERVIEW = "rb:console:overview"
 
 
 def event(event_id: str) -> str:

@@ -7,6 +7,8 @@ atomic Lua scripts, so even two copies running a tick at once queue each event o
   lease lapsed (a dead worker's) too, and tenants waiting for room in Celery's queue are
   served in turn (``rilla_bridge.lanes``);
 - CallRail dispatch and reconciliation (see workers/callrail_jobs.py);
+- overview: the console's overview, computed every 10 s and published in Redis, so the web
+  processes that answer webhooks do not run its queries (``Operations.publish_overview``);
 - in a thread of its own, the bulk jobs operators confirmed in the console or the admin API
   (``rilla_bridge.jobs``): a paced replay of thousands never runs in a web request.
 """
@@ -26,7 +28,7 @@ import redis
 from rilla_bridge import keys, leases
 from rilla_bridge.history.db import make_engine
 from rilla_bridge.jobs import JobRunner
-from rilla_bridge.operations import Operations
+from rilla_bridge.operations import OVERVIEW_CACHE_SECONDS, Operations
 from workers import callrail_jobs
 from workers.runtime import Runtime
 
@@ -49,11 +51,35 @@ def sweep_lanes(rt: Runtime) -> int:
     return due + recovered + refilled
 
 
+class PublishOverview:
+    """The ``overview`` job: its own history engine and Operations, made at its first run."""
+
+    def __init__(self) -> None:
+        self.ops: Operations | None = None
+        self.failing = False
+
+    def __call__(self, rt: Runtime) -> int:
+        if self.ops is None:
+            self.ops = Operations(rt.settings, rt.redis, make_engine(rt.settings), rt.clock,
+                                  rt.tenants, rt.lifecycle)
+        try:
+            self.ops.publish_overview()
+        except Exception as exc:   # the database's own errors vary by driver
+            # Web processes compute their own meanwhile; say so once per outage.
+            if not self.failing:
+                log.warning("overview not published", extra={"error": type(exc).__name__})
+            self.failing = True
+            return 0
+        self.failing = False
+        return 1
+
+
 def default_jobs() -> list[Job]:
     return [
         Job("lanes", 0.25, sweep_lanes),
         Job("callrail_dispatch", callrail_jobs.DISPATCH_EVERY, callrail_jobs.dispatch),
         Job("reconcile", 5.0, callrail_jobs.reconcile),
+        Job("overview", OVERVIEW_CACHE_SECONDS, PublishOverview()),
     ]
 
 

@@ -8,17 +8,21 @@ import json
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
 import redis
+from sqlalchemy.engine import Engine
 
 from rilla_bridge import keys
 from rilla_bridge.celery_messages import QUEUE_EVENTS, message_args
 from rilla_bridge.clock import FakeClock
+from rilla_bridge.history import overview
 from rilla_bridge.history.records import Record
 from rilla_bridge.lifecycle import ClaimCode, Outcome, Status
+from rilla_bridge.operations import OVERVIEW_CACHE_SECONDS, OVERVIEW_FRESH_SECONDS, Operations
 from tests.fakes import load, make_runtime
 from workers import callrail_jobs, scheduler
 from workers.pipeline import process_event
@@ -236,18 +240,56 @@ def test_run_forever_sleeps_on_the_runtimes_clock_until_told_to_stop(
 
 def test_default_jobs() -> None:
     jobs = {j.name: j for j in scheduler.default_jobs()}
-    assert set(jobs) == {"lanes", "callrail_dispatch", "reconcile"}
+    assert set(jobs) == {"lanes", "callrail_dispatch", "reconcile", "overview"}
     assert jobs["lanes"].run is scheduler.sweep_lanes and jobs["lanes"].every == 0.25
     assert jobs["callrail_dispatch"].run is callrail_jobs.dispatch
     assert jobs["reconcile"].run is callrail_jobs.reconcile
+    assert isinstance(jobs["overview"].run, scheduler.PublishOverview)
+    assert jobs["overview"].every == OVERVIEW_CACHE_SECONDS
 
 
-def test_the_default_jobs_tick_with_nothing_to_do(rt: Runtime) -> None:
+def test_the_default_jobs_tick_with_nothing_to_do(fake_redis: fakeredis.FakeRedis,
+                                                  clock: FakeClock, history_db: Engine) -> None:
+    rt = make_runtime(fake_redis, clock, database_url=str(history_db.url))
     scheduler.tick(rt, scheduler.default_jobs(), "node")
     assert rt.redis.llen(QUEUE_EVENTS) == 0
     leases: Any = rt.redis.keys("rb:sched:*")
     assert {k.decode() for k in leases} == {
-        keys.scheduler_job(n) for n in ("lanes", "callrail_dispatch", "reconcile")}
+        keys.scheduler_job(n) for n in ("lanes", "callrail_dispatch", "reconcile", "overview")}
+    assert rt.redis.exists(keys.OVERVIEW)
+
+
+def test_the_published_overview_spares_the_web_processes_its_queries(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock, history_db: Engine,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = make_runtime(fake_redis, clock, database_url=str(history_db.url))
+    assert scheduler.PublishOverview()(rt) == 1
+    web = Operations(rt.settings, fake_redis, history_db, clock, rt.tenants)
+
+    def no_sql(*_: Any, **__: Any) -> Any:
+        raise AssertionError("a web process ran the overview's queries")
+
+    monkeypatch.setattr(overview, "per_minute", no_sql)
+    clock.advance(OVERVIEW_FRESH_SECONDS - 1)
+    seen = web.overview()
+    assert {t["tenant"] for t in seen["tenants"]} == set(rt.tenants)
+    assert seen["now"] == clock.now() - (OVERVIEW_FRESH_SECONDS - 1)
+    # Published too long ago (the scheduler stopped): the web process computes its own.
+    clock.advance(2 * OVERVIEW_FRESH_SECONDS)
+    with pytest.raises(AssertionError, match="overview's queries"):
+        web.overview()
+
+
+def test_an_unreachable_database_is_said_once_and_tried_again(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "rilla_bridge.scheduler")
+    rt = make_runtime(fake_redis, clock,
+                      database_url=f"sqlite:///{tmp_path / 'missing' / 'h.db'}")
+    job = scheduler.PublishOverview()
+    assert [job(rt), job(rt)] == [0, 0]
+    assert [r.getMessage() for r in caplog.records] == ["overview not published"]
+    assert not fake_redis.exists(keys.OVERVIEW)
 
 
 # -- a restart: a stopping copy gives its job leases up ----------------------------------------
