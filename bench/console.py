@@ -61,6 +61,7 @@ from bench.delivery import pct
 from rilla_bridge.clock import SystemClock
 from rilla_bridge.history.db import make_engine
 from rilla_bridge.history.migrate import upgrade_engine
+from rilla_bridge.keys import OVERVIEW
 from rilla_bridge.operations import Operations
 from rilla_bridge.providers.callrail import signature
 from rilla_bridge.settings import Settings
@@ -260,10 +261,10 @@ def time_queries(web: str, sample: dict[str, Any], repeat: int, db_url: str,
         ops = Operations(settings, client, engine, SystemClock(),
                          parse_tenants(tenants_text, env={}))
         t0 = time.perf_counter()
-        ops.overview()
+        ops.publish_overview()   # what the scheduler's job does every 10 s
         ms.append((time.perf_counter() - t0) * 1000)
     engine.dispose()
-    rows.append({"query": "overview uncached (in process)", "p50_ms": round(pct(ms, 50), 1),
+    rows.append({"query": "overview computed (the scheduler's job)", "p50_ms": round(pct(ms, 50), 1),
                  "p95_ms": round(pct(ms, 95), 1), "max_ms": round(max(ms), 1)})
     return rows
 
@@ -374,7 +375,8 @@ def replay_stage(sysm: System, args: argparse.Namespace, backlog: int) -> dict[s
     sysm.start_rilla_sandbox(*keys, latency_ms=args.rilla_latency_ms, wait=False)
     for k in range(args.workers):
         sysm.start_worker(name=f"worker{k}", concurrency=100, wait=False)
-    sysm.start_scheduler(wait=False)
+    if "scheduler" not in sysm.procs:
+        sysm.start_scheduler(wait=False)
     sysm.start_history(wait=False)
     sysm.ready()
     # The intake stage's webhooks (stored, never delivered: no worker ran) go first, so the
@@ -494,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seeded {args.events} events, {sample['dead']} dead letters in "
               f"{sample['seconds']} s", flush=True)
         sysm.start_web(workers=args.web_workers)
+        # As deployed: the scheduler publishes the overview every 10 s for the web processes.
+        sysm.start_scheduler()
+        until_published = time.monotonic() + 30
+        with redis_lib.Redis.from_url(args.redis) as r:
+            while not r.exists(OVERVIEW) and time.monotonic() < until_published:
+                time.sleep(0.2)
         rows = time_queries(sysm.web, sample, args.repeat, db_url, text)
         result["queries"] = rows
         print(table(rows, ["query", "p50_ms", "p95_ms", "max_ms"]), flush=True)
