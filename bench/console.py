@@ -264,8 +264,9 @@ def time_queries(web: str, sample: dict[str, Any], repeat: int, db_url: str,
         ops.publish_overview()   # what the scheduler's job does every 10 s
         ms.append((time.perf_counter() - t0) * 1000)
     engine.dispose()
-    rows.append({"query": "overview computed (the scheduler's job)", "p50_ms": round(pct(ms, 50), 1),
-                 "p95_ms": round(pct(ms, 95), 1), "max_ms": round(max(ms), 1)})
+    rows.append({"query": "overview computed (the scheduler's job)",
+                 "p50_ms": round(pct(ms, 50), 1), "p95_ms": round(pct(ms, 95), 1),
+                 "max_ms": round(max(ms), 1)})
     return rows
 
 
