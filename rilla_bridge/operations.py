@@ -508,7 +508,9 @@ class Operations:
             result = json.loads(zlib.decompress(cast(bytes, blob)))
         except (redis.RedisError, zlib.error, ValueError):
             return None
-        age = now - float(result.get("now") or 0)
+        if not isinstance(result, dict) or not isinstance(result.get("now"), int | float):
+            return None
+        age = now - float(result["now"])
         return result if -OVERVIEW_CACHE_SECONDS < age < OVERVIEW_FRESH_SECONDS else None
 
     def _compute_overview(self) -> dict[str, Any]:

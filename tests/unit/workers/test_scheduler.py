@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,17 @@ def test_run_forever_releases_its_leases_when_it_stops(
 
     scheduler.run_forever(rt, [Job("job", 10.0, stop_now)], interval=0.25)
     assert rt.redis.exists(keys.scheduler_job("job")) == 0
+
+
+@pytest.mark.parametrize("blob", [b"not zlib", zlib.compress(b"[1, 2]"),
+                                  zlib.compress(b'{"now": "soon"}')])
+def test_a_published_overview_that_cannot_be_read_is_computed_instead(
+        fake_redis: fakeredis.FakeRedis, clock: FakeClock, history_db: Engine,
+        blob: bytes) -> None:
+    rt = make_runtime(fake_redis, clock, database_url=str(history_db.url))
+    fake_redis.set(keys.OVERVIEW, blob)
+    seen = Operations(rt.settings, fake_redis, history_db, clock, rt.tenants).overview()
+    assert seen["now"] == clock.now() and {t["tenant"] for t in seen["tenants"]} == set(
+        rt.tenants)
+    stored = json.loads(zlib.decompress(fake_redis.get(keys.OVERVIEW)))  # type: ignore[arg-type]
+    assert stored["now"] == clock.now()   # and published for the other web processes
