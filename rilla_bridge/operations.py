@@ -427,7 +427,6 @@ class Operations:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(QUEUE_EVENTS)
             pipe.llen(QUEUE_CALLRAIL)
-            pipe.smembers(keys.PAUSED)
             for t in tenants:
                 pipe.llen(keys.lane(t))
                 pipe.llen(keys.bulk_lane(t))
@@ -438,9 +437,9 @@ class Operations:
                 pipe.zcard(keys.bulk_retry(t))
                 pipe.zrange(keys.retry(t), 0, 0, withscores=True)
                 pipe.zrange(keys.bulk_retry(t), 0, 0, withscores=True)
-            q_events, q_callrail, paused, *per = pipe.execute()
+            q_events, q_callrail, *per = pipe.execute()
         out: dict[str, Any] = {"queues": {QUEUE_EVENTS: q_events, QUEUE_CALLRAIL: q_callrail},
-                               "paused": sorted(_text(p) for p in paused), "tenants": {}}
+                               "tenants": {}}
         for i, t in enumerate(tenants):
             (live, bulk, running, n_open, oldest, r_live, r_bulk, next_live,
              next_bulk) = per[9 * i: 9 * i + 9]
@@ -470,10 +469,11 @@ class Operations:
     def overview(self) -> dict[str, Any]:
         """The console's first page: per tenant and in total, last hour and day counts,
         queue depths, oldest pending, retries, CallRail budgets, silent tenants, and the
-        per-minute series for the charts. Cached ``OVERVIEW_CACHE_SECONDS`` per process, so
-        a room full of operators costs the database one query set; which tenants are
-        paused is read fresh each time (one SMEMBERS): a pause or resume made through
-        another web process shows at once."""
+        per-minute series for the charts. The scheduler publishes it every
+        ``OVERVIEW_CACHE_SECONDS`` (``publish_overview``) and each process keeps the one it
+        read that long, so a room full of operators costs the database nothing; which
+        tenants are paused is read fresh each time (one SMEMBERS): a pause or resume made
+        through another web process shows at once."""
         result = self._overview()
         paused = sorted(_text(p) for p in self.redis.smembers(keys.PAUSED))
         return {**result, "paused": paused,
@@ -530,13 +530,13 @@ class Operations:
                 for k, n in c[w].items():
                     total[w][k] += n
             rows.append({"tenant": t, "configured": t in self.tenants, **c,
-                         **state["tenants"].get(t, {}), "paused": t in state["paused"],
+                         **state["tenants"].get(t, {}),
                          "last_received_at": last[t],
                          "silent": silence(now, last[t], c["24h"]["received"])})
         chart_series = {t: {k: v[k] for k in ("received", "delivered", "failed")}
                         for t, v in series.items()}
         result = {"now": now, "tenants": rows, "total": total, "queues": state["queues"],
-                  "paused": state["paused"], "callrail": self.budgets(),
+                  "callrail": self.budgets(),
                   "chart": {"bucket_minutes": overview.BUCKET_MINUTES, "start": now - 86400,
                             "series": chart_series}}
         return result
@@ -594,14 +594,12 @@ class Operations:
         """Stop delivering the tenant's events (they keep arriving and wait durably)."""
         self._known(tenant)
         self.lifecycle.lanes.pause(tenant)
-        self._overview_cache = None
         self.lifecycle.audit(actor, "tenant.pause", {"tenant": tenant}, 1)
 
     def resume(self, tenant: str, actor: str) -> int:
         """Deliver the tenant's events again; what waited drains through the lanes."""
         self._known(tenant)
         went = self.lifecycle.lanes.resume(tenant)
-        self._overview_cache = None
         self.lifecycle.audit(actor, "tenant.resume", {"tenant": tenant}, 1)
         return went
 
