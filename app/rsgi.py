@@ -8,8 +8,11 @@ app (``app.door.FrontDoor`` in front of Flask) with the body in memory:
 
 * a webhook POST is answered inline on the event loop (the handler's only wait is one Redis
   round trip, as in a sync worker; a thread hop would cost more than it saves);
+* console pages and admin API requests are handed to the operator process beside the
+  workers (``app.operator_process``) from a small thread pool, so their rendering takes no
+  GIL from this worker's webhooks;
 * anything else (health, readiness, metrics: Flask views that may wait on Redis longer) runs
-  in a small thread pool, so it never stalls the webhooks of the same worker.
+  in that thread pool, so it never stalls the webhooks of the same worker.
 
 The door sees a body that could not be read (deadline passed, broken chunked encoding, client
 gone) as a ``wsgi.input`` whose ``read`` raises ``UnreadableBody``: the same path, reply and log
@@ -21,17 +24,22 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import sys
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote
 
 from app.door import WEBHOOK_PATH, BodyTimeout, UnreadableBody
+from app.operator_process import (
+    OperatorClient,
+    Response,
+    WSGIApp,
+    call_wsgi,
+    is_operator_path,
+)
 
 log = logging.getLogger("rilla_bridge.web")
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-Response = tuple[int, list[tuple[str, str]], bytes]
 _INTERNAL: Response = (500, [("Content-Type", "application/json")], b'{"error": "internal error"}')
 _EMPTY = b""
 
@@ -58,8 +66,9 @@ class RsgiAdapter:
     """An RSGI application (``__rsgi__``) serving ``wsgi_app`` (see the module docstring)."""
 
     def __init__(self, wsgi_app: WSGIApp, *, max_body_bytes: int, read_timeout: float,
-                 threads: int = 4) -> None:
+                 threads: int = 4, operator: OperatorClient | None = None) -> None:
         self.wsgi_app = wsgi_app
+        self.operator = operator
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="web")
@@ -72,8 +81,13 @@ class RsgiAdapter:
             return
         environ = self._environ(scope)
         environ["wsgi.input"] = await self._body(protocol, environ)
-        if scope.method == "POST" and WEBHOOK_PATH.fullmatch(environ["PATH_INFO"]):
+        path = environ["PATH_INFO"]
+        if scope.method == "POST" and WEBHOOK_PATH.fullmatch(path):
             status, headers, body = self._call(environ)
+        elif is_operator_path(path):
+            loop = asyncio.get_running_loop()
+            status, headers, body = await loop.run_in_executor(self._pool, self._operator,
+                                                               environ)
         else:
             loop = asyncio.get_running_loop()
             status, headers, body = await loop.run_in_executor(self._pool, self._call, environ)
@@ -157,47 +171,40 @@ class RsgiAdapter:
         return environ
 
     def _call(self, environ: dict[str, Any]) -> Response:
-        """The WSGI app's status, headers and joined body (it never streams here)."""
-        answer: list[Any] = []
-
-        def start_response(status: str, headers: list[tuple[str, str]],
-                           exc_info: Any = None) -> Callable[[bytes], None]:
-            answer[:] = [status, headers]
-            return _no_write
-
         try:
-            result = self.wsgi_app(environ, start_response)
-            try:
-                body = b"".join(result)
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-            return int(answer[0][:3]), answer[1], body
+            return call_wsgi(self.wsgi_app, environ)
         except Exception:   # the door and Flask catch their own errors: this is a bug
             log.exception("unhandled error")
             return _INTERNAL
 
-
-def _no_write(data: bytes) -> None:
-    raise RuntimeError("the write() callable of start_response is not supported")
+    def _operator(self, environ: dict[str, Any]) -> Response:
+        """A console or admin API request: answered by the operator process, or here when
+        that cannot be reached (``app.operator_process``)."""
+        body = environ["wsgi.input"]
+        if self.operator is not None and isinstance(body, io.BytesIO):
+            reply = self.operator.forward(environ, body.getvalue())
+            if reply is not None:
+                return reply
+        return self._call(environ)
 
 
 # How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
-# Webhooks are answered on the event loop thread while console and admin API requests run
-# in the pool; a page rendering holds the GIL, and each time the event loop wants it back
-# (after every Redis round trip) it waited up to the whole interval. At 0.5 ms a webhook's
-# answer time barely moves while an operator pages through the console (bench/console.py).
+# Webhooks are answered on the event loop thread while the other requests run in the pool
+# (health, metrics; console pages too when the operator process cannot be reached), and each
+# time the event loop wants the GIL back (after every Redis round trip) it waited up to the
+# whole interval. At 0.5 ms a webhook's answer time barely moves beside them.
 GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 def build() -> RsgiAdapter:
     """granian's factory target (``app.rsgi:build``): one app per worker process."""
     from app import create_app
-    from rilla_bridge.settings import Settings
+    from rilla_bridge.settings import OPERATOR_SOCKET_ENV, Settings
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
 
     settings = Settings.from_env()
+    socket = os.environ.get(OPERATOR_SOCKET_ENV)
     return RsgiAdapter(create_app(settings), max_body_bytes=settings.max_body_bytes,
-                       read_timeout=settings.web_read_timeout_seconds)
+                       read_timeout=settings.web_read_timeout_seconds,
+                       operator=OperatorClient(socket) if socket else None)

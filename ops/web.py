@@ -9,6 +9,10 @@ then the body within the same again (``app.rsgi``). On SIGTERM the workers stop 
 finish the requests they have (both deadlines bound them) and exit; a worker still busy after
 ``KILL_AFTER_SECONDS`` is killed, well before Heroku's SIGKILL 30 s after its SIGTERM.
 
+Beside the workers it runs the operator process (``app.operator_process``), which answers
+the console's pages and the admin API the workers hand it, so a page's rendering takes no GIL
+from the webhooks; it is restarted when it crashes and stopped after the workers.
+
 This main process imports neither Flask nor the app (which is why this module is not under
 ``app/``, whose ``__init__`` loads both): each worker builds its own (``app.rsgi:build``). It
 only points prometheus_client's multiprocess mode at one directory for all workers, which works
@@ -18,13 +22,20 @@ through our JSON formatter and masking.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 from typing import Any
 
 from rilla_bridge.observability import setup_logging
-from rilla_bridge.settings import Settings
+from rilla_bridge.settings import OPERATOR_SOCKET_ENV, Settings
+
+log = logging.getLogger("rilla_bridge.web")
 
 TARGET = "app.rsgi:build"
 KILL_AFTER_SECONDS = 15
@@ -66,6 +77,65 @@ def server_options(settings: Settings, host: str) -> dict[str, Any]:
     }
 
 
+class OperatorProcess:
+    """Runs ``python -m app.operator_process`` beside the workers, listening on a socket in a
+    directory of its own (0700), and starts it again when it crashes. It holds the read end
+    of a pipe whose write end only this process and its workers hold: when they are all gone
+    (even by SIGKILL) it reads EOF and stops."""
+
+    RESTART_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="rilla-bridge-operator-")
+        self.address = os.path.join(self.directory, "socket")
+        self._read, self._write = os.pipe()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        threading.Thread(target=self._watch, name="operator-watch", daemon=True).start()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.operator_process", self.address, str(self._read)],
+                pass_fds=(self._read,))
+
+    def _watch(self) -> None:
+        while True:
+            proc = self.proc
+            assert proc is not None
+            code = proc.wait()
+            if self._stopping.is_set() or code in (0, -signal.SIGTERM):
+                return   # stopped on purpose (the dyno's SIGTERM reaches every process)
+            log.error("the operator process exited (%s); starting it again; meanwhile the "
+                      "workers answer the console themselves", code)
+            if self._stopping.wait(self.RESTART_SECONDS):
+                return
+            self._spawn()
+
+    def stop(self) -> None:
+        """After the workers: SIGTERM, then SIGKILL if it is still busy after
+        ``KILL_AFTER_SECONDS``."""
+        with self._lock:
+            self._stopping.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(KILL_AFTER_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        os.close(self._write)
+        os.close(self._read)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def serve(host: str) -> None:
     """Run the web process until SIGTERM or SIGINT."""
     # Every worker writes its metrics here and /metrics adds them up (counters and histograms
@@ -80,4 +150,10 @@ def serve(host: str) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rilla-bridge-metrics-")
     from granian.server import Server
 
-    Server(**server_options(settings, host)).serve()
+    operator = OperatorProcess()
+    os.environ[OPERATOR_SOCKET_ENV] = operator.address
+    operator.start()
+    try:
+        Server(**server_options(settings, host)).serve()
+    finally:
+        operator.stop()

@@ -57,6 +57,8 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
 
 
+# Not a setting: ``rilla-bridge web`` tells its workers where its operator process listens.
+OPERATOR_SOCKET_ENV = "RB_OPERATOR_SOCKET"
 DEFAULT_DATABASE_URL = "sqlite:///rilla-bridge.db"   # a file in the working directory
 _PG_SCHEMES = ("postgres://", "postgresql://", "postgresql+psycopg://")
 

@@ -218,10 +218,14 @@ class System:
         if wait:
             self.ready()
 
-    def start_history(self, name: str = "history", wait: bool = True) -> None:
-        """The history database brought to the current schema, then the history process."""
+    def upgrade_db(self) -> None:
+        """The history database brought to the current schema (``rilla-bridge db upgrade``)."""
         subprocess.run([str(BIN / "rilla-bridge"), "db", "upgrade"], env=self.env(), cwd=ROOT,
                        check=True, capture_output=True, timeout=120)
+
+    def start_history(self, name: str = "history", wait: bool = True) -> None:
+        """The history database brought to the current schema, then the history process."""
+        self.upgrade_db()
         self._spawn(name, [str(BIN / "rilla-bridge"), "history"],
                     self._logged(name, b"history started"))
         if wait:

@@ -15,14 +15,16 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
+import psutil
 import pytest
 import requests
 
 from rilla_bridge.providers.callrail import signature as callrail_signature
-from tests.support import RedisServer
-from tests.system import System
+from tests.support import RedisServer, until
+from tests.system import ADMIN_HEADERS, System
 
 pytestmark = pytest.mark.integration
 
@@ -207,3 +209,91 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits(
         in_flight.close()
     finally:
         system.stop()
+
+
+# -- the operator process ----------------------------------------------------------------------
+def _operator_processes(system: System) -> list[psutil.Process]:
+    main = psutil.Process(system.procs["web"].pid)
+    return [p for p in main.children() if "app.operator_process" in p.cmdline()]
+
+
+def _listening(system: System, times: int = 1) -> psutil.Process:
+    """The operator process, once it listens (the ``times``-th start's log line)."""
+    until(lambda: system.log("web").count("operator process listening") >= times, 20,
+          "the operator process listening")
+    [operator] = _operator_processes(system)
+    return operator
+
+
+def _admin_get(system: System, timeout: float = 10.0) -> requests.Response:
+    return requests.get(f"{system.web}/admin/api/tenants", headers=ADMIN_HEADERS,
+                        timeout=timeout)
+
+
+@pytest.fixture
+def web_db(own_redis: RedisServer) -> Iterator[System]:
+    system = System(own_redis.url)
+    system.upgrade_db()
+    try:
+        system.start_web(workers=2)
+    except BaseException:
+        system.stop()
+        raise
+    yield system
+    system.stop()
+
+
+@pytest.mark.skipif(SERVER != "granian", reason="the operator process is rilla-bridge web's")
+def test_console_requests_are_answered_by_the_operator_process_not_the_workers(
+        web_db: System) -> None:
+    """With the operator process stopped (SIGSTOP) an admin API request waits for it, while
+    webhooks are answered at once: the workers hand console requests over and never render
+    them themselves while it is there."""
+    operator = _listening(web_db)
+    assert _admin_get(web_db).status_code == 200
+    operator.suspend()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_admin_get, web_db, 30.0)
+            time.sleep(1.0)
+            assert not waiting.done()
+            for i in range(20):
+                code, seconds = _signed_post(web_db, i)
+                assert code == 202 and seconds < 1.0, (code, seconds)
+            operator.resume()
+            assert waiting.result(timeout=20).status_code == 200
+    finally:
+        operator.resume()
+
+
+@pytest.mark.skipif(SERVER != "granian", reason="the operator process is rilla-bridge web's")
+def test_a_crashed_operator_process_is_restarted_and_the_console_answers_meanwhile(
+        web_db: System) -> None:
+    operator = _listening(web_db)
+    operator.kill()
+    operator.wait(10)
+    # until the new one listens, the workers answer themselves: never an error
+    replies = [_admin_get(web_db).status_code for _ in range(5)]
+    assert replies == [200] * 5
+    again = _listening(web_db, times=2)
+    assert again.pid != operator.pid
+    assert "the operator process exited" in web_db.log("web")
+    assert _admin_get(web_db).status_code == 200
+
+
+@pytest.mark.skipif(SERVER != "granian", reason="the operator process is rilla-bridge web's")
+def test_the_operator_process_stops_with_the_web_process(web_db: System) -> None:
+    """SIGTERM to the dyno: it exits with the rest and is not started again. The web process
+    and its workers killed outright: it notices and stops by itself."""
+    operator = _listening(web_db)
+    os.killpg(web_db.procs["web"].pid, signal.SIGTERM)
+    web_db.procs["web"].wait(timeout=25)
+    operator.wait(10)   # psutil.TimeoutExpired if it is still there
+    assert "exited (" not in web_db.log("web")
+
+    web_db.start_web(workers=2)
+    main = psutil.Process(web_db.procs["web"].pid)
+    operator = _listening(web_db, times=2)
+    for p in [main, *(c for c in main.children() if c.pid != operator.pid)]:
+        p.kill()   # not the group: the operator process is in it
+    operator.wait(10)
