@@ -170,6 +170,15 @@ def test_every_registered_secret_is_masked_whatever_its_length(no_secrets: None)
     assert line["msg"] == f"token {FILTERED}"
 
 
+def test_text_as_long_as_the_shortest_secret_is_still_searched(no_secrets: None) -> None:
+    """Text shorter than every secret skips the search for them, never one that fits."""
+    register_secrets(["long-secret-0123", "sk-42"])
+    assert redact_text("sk-42") == FILTERED
+    assert redact_text("sk-4") == "sk-4"
+    assert redact_text("a sk-42") == f"a {FILTERED}"
+    assert redact_text("?token=abc") == f"?token={FILTERED}"   # shorter than the long one
+
+
 @pytest.mark.parametrize(("text", "kept"), [
     ("media https://cdn.callingly.com/recordings/4f9a2c71e0b84d3a.mp3 end",
      f"media https://cdn.callingly.com/{FILTERED} end"),
