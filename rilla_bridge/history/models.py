@@ -53,8 +53,8 @@ events = sa.Table(
     sa.Column("customer_name", sa.Text),
     sa.Column("rep_email", sa.Text),                           # lower case
     sa.Column("last_record", sa.Text),                         # stream id of the newest record
-    # events list: newest first, unfiltered / by tenant / status / both
-    sa.Index(None, "received_at"),
+    # events list: newest first, by tenant / status / both (unfiltered: the overview's index
+    # below, which leads with received_at)
     sa.Index(None, "tenant", "received_at"),
     sa.Index(None, "status", "received_at"),
     sa.Index(None, "tenant", "status", "received_at"),

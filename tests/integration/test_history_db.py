@@ -57,7 +57,7 @@ def test_db_upgrade_from_empty_twice(database_url: str) -> None:
     for _ in range(2):
         result = CliRunner().invoke(main, ["db", "upgrade"], env={"DATABASE_URL": env_url})
         assert result.exit_code == 0, result.output
-        assert "schema revision 0002, the newest" in result.output
+        assert "schema revision 0003, the newest" in result.output
     e = db.make_engine(database_url)
     with e.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []

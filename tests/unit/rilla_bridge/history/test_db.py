@@ -77,8 +77,8 @@ def test_a_write_transaction_rolls_back_on_error(tmp_path: Path) -> None:
 
 def test_upgrade_from_empty_then_again(tmp_path: Path) -> None:
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'h.db'}")
-    assert migrate.upgrade(settings) == migrate.head() == "0002"
-    assert migrate.upgrade(settings) == "0002"          # a second run changes nothing
+    assert migrate.upgrade(settings) == migrate.head() == "0003"
+    assert migrate.upgrade(settings) == "0003"          # a second run changes nothing
     engine = db.make_engine(settings)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
