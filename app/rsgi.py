@@ -9,10 +9,10 @@ app (``app.door.FrontDoor`` in front of Flask) with the body in memory:
 * a webhook POST is answered inline on the event loop (the handler's only wait is one Redis
   round trip, as in a sync worker; a thread hop would cost more than it saves);
 * console pages and admin API requests are handed to the operator process beside the
-  workers (``app.operator_process``) from a small thread pool, so their rendering takes no
-  GIL from this worker's webhooks;
+  workers (``app.operator_process``) from a small thread pool of their own, so their
+  rendering takes no GIL from this worker's webhooks;
 * anything else (health, readiness, metrics: Flask views that may wait on Redis longer) runs
-  in that thread pool, so it never stalls the webhooks of the same worker.
+  in another small thread pool, so it never stalls the webhooks of the same worker.
 
 The door sees a body that could not be read (deadline passed, broken chunked encoding, client
 gone) as a ``wsgi.input`` whose ``read`` raises ``UnreadableBody``: the same path, reply and log
@@ -72,9 +72,13 @@ class RsgiAdapter:
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="web")
+        # Console requests wait on their own threads: an operator process that is slow to
+        # answer never holds up /healthz or /metrics.
+        self._operator_pool = ThreadPoolExecutor(threads, thread_name_prefix="operator")
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._operator_pool.shutdown(wait=True, cancel_futures=False)
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":   # websockets are off; nothing else is HTTP
@@ -86,8 +90,8 @@ class RsgiAdapter:
             status, headers, body = self._call(environ)
         elif is_operator_path(path):
             loop = asyncio.get_running_loop()
-            status, headers, body = await loop.run_in_executor(self._pool, self._operator,
-                                                               environ)
+            status, headers, body = await loop.run_in_executor(
+                self._operator_pool, self._operator, environ)
         else:
             loop = asyncio.get_running_loop()
             status, headers, body = await loop.run_in_executor(self._pool, self._call, environ)

@@ -183,3 +183,40 @@ def test_only_plain_values_and_the_body_cross_the_socket() -> None:
     assert portable(environ, b"body") == {"REQUEST_METHOD": "GET", "wsgi.version": (1, 0),
                                           "wsgi.multithread": True, "SERVER_PORT": "80",
                                           "rb.body": b"body"}
+
+
+def test_console_requests_waiting_on_the_operator_process_never_hold_up_health(
+        address: str) -> None:
+    release = threading.Event()
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        release.wait(10)
+        start_response("200 OK", [])
+        return [b'{"by": "operator"}']
+
+    srv = OperatorServer(slow, address)
+    thread = threading.Thread(target=srv.serve)
+    thread.start()
+    adapter = RsgiAdapter(echo("worker"), max_body_bytes=1000, read_timeout=1, threads=2,
+                          operator=OperatorClient(address))
+
+    async def scenario() -> dict[str, Any]:
+        pages = [Protocol() for _ in range(4)]   # more than the pool's threads
+        waiting = [asyncio.ensure_future(adapter.__rsgi__(Scope(path="/console/", method="GET"),
+                                                          p)) for p in pages]
+        health = Protocol()
+        await asyncio.wait_for(adapter.__rsgi__(Scope(path="/healthz", method="GET"), health),
+                               timeout=5)
+        assert all(p.response is None for p in pages)   # still waiting
+        release.set()
+        await asyncio.gather(*waiting)
+        assert all(p.response is not None and p.response[0] == 200 for p in pages)
+        assert health.response is not None
+        return dict(json.loads(health.response[2]))
+
+    try:
+        assert asyncio.run(scenario())["by"] == "worker"
+    finally:
+        release.set()
+        srv.stop()
+        thread.join(10)
