@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="quiet / operator pairs of intake runs, alternating")
     p.add_argument("--think", type=float, default=1.0,
-                   help="seconds an operator spends on a page (the second intake run)")
+                   help="seconds an operator spends on a page (the operator runs)")
     p.add_argument("--redis", default=DEFAULT_REDIS, help="a Redis db this run may flush")
     p.add_argument("--web-workers", type=int, default=2)
     p.add_argument("--replay", type=int, default=0,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.integration.test_delivery import ACME_KEY, BETA_KEY, call_body, post_ok
@@ -74,7 +74,19 @@ def follow(driver: Any, element: Any) -> None:
     straight after a click can catch the old one, whose elements then go stale."""
     old = driver.find_element("tag name", "html")
     element.click()
-    WebDriverWait(driver, 10).until(staleness_of(old))
+    WebDriverWait(driver, 10).until(_gone(old))
+
+
+def _gone(old: Any) -> Callable[[Any], bool]:
+    """The old page's element is gone: stale, or (Chromium, caught mid-navigation) "Node with
+    given id does not belong to the document", which selenium's ``staleness_of`` raises."""
+    def check(driver: Any) -> bool:
+        try:
+            old.is_enabled()
+        except WebDriverException:   # StaleElementReferenceException is one
+            return True
+        return False
+    return check
 
 
 def text(driver: Any) -> str:

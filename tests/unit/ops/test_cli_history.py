@@ -290,7 +290,7 @@ def test_db_upgrade_twice(env: dict[str, str], tmp_path: Path) -> None:
     for _ in range(2):
         out = cli(fresh, "db", "upgrade").output
         assert out.strip() == (f"history database sqlite:///{tmp_path / 'new.db'}: "
-                               "schema revision 0002, the newest")
+                               "schema revision 0003, the newest")
 
 
 def test_an_unreachable_database_is_named_without_its_password(env: dict[str, str],
