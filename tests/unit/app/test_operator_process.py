@@ -6,11 +6,12 @@ threads; the processes themselves are in ``tests/integration/test_web_server.py`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from multiprocessing.connection import Listener
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,24 @@ def address(tmp_path: Path) -> str:
     return str(tmp_path / "socket")
 
 
-@pytest.fixture
-def server(address: str) -> Iterator[OperatorServer]:
-    srv = OperatorServer(echo("operator"), address, request_seconds=2.0)
+@contextlib.contextmanager
+def serving(app: Any, address: str, **options: Any) -> Iterator[OperatorServer]:
+    """An operator server answering with ``app`` on a thread, stopped at the end."""
+    srv = OperatorServer(app, address, **options)
     thread = threading.Thread(target=srv.serve)
     thread.start()
-    yield srv
-    srv.stop()
-    thread.join(10)
-    assert not thread.is_alive()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+@pytest.fixture
+def server(address: str) -> Iterator[OperatorServer]:
+    with serving(echo("operator"), address, request_seconds=2.0) as srv:
+        yield srv
 
 
 def run(adapter: RsgiAdapter, scope: Scope, protocol: Protocol) -> tuple[int, dict[str, str],
@@ -89,17 +99,11 @@ def test_with_nothing_listening_the_worker_answers_itself(address: str) -> None:
 
 def test_a_stale_socket_file_is_replaced(address: str) -> None:
     Path(address).write_bytes(b"")   # a killed process's socket stays behind
-    srv = OperatorServer(echo("operator"), address)
-    thread = threading.Thread(target=srv.serve)
-    thread.start()
-    try:
+    with serving(echo("operator"), address):
         reply = OperatorClient(address).forward(
             {"REQUEST_METHOD": "GET", "PATH_INFO": "/console/", "QUERY_STRING": "",
              "REMOTE_ADDR": "127.0.0.1"}, b"")
         assert reply is not None and reply[0] == 201
-    finally:
-        srv.stop()
-        thread.join(10)
     assert not Path(address).exists()
 
 
@@ -114,21 +118,17 @@ def test_an_answer_that_does_not_come_in_time_is_504_and_not_run_again(address: 
         start_response("200 OK", [])
         return [b"{}"]
 
-    srv = OperatorServer(slow, address)
-    thread = threading.Thread(target=srv.serve)
-    thread.start()
-    try:
-        adapter = RsgiAdapter(echo("worker"), max_body_bytes=1000, read_timeout=1,
-                              operator=OperatorClient(address, answer_seconds=0.2))
-        status, headers, body = run(adapter, Scope(path="/admin/api/dead-letters/replay",
-                                                   method="POST"), Protocol())
-        assert status == 504 and body == {"error": "the console did not answer in time"}
-        assert headers["Content-Type"] == "application/json"
-        assert calls == ["operator"]
-    finally:
-        release.set()
-        srv.stop()
-        thread.join(10)
+    with serving(slow, address):
+        try:
+            adapter = RsgiAdapter(echo("worker"), max_body_bytes=1000, read_timeout=1,
+                                  operator=OperatorClient(address, answer_seconds=0.2))
+            status, headers, body = run(adapter, Scope(path="/admin/api/dead-letters/replay",
+                                                       method="POST"), Protocol())
+            assert status == 504 and body == {"error": "the console did not answer in time"}
+            assert headers["Content-Type"] == "application/json"
+            assert calls == ["operator"]
+        finally:
+            release.set()
 
 
 def test_a_process_that_dies_while_answering_is_502(address: str) -> None:
@@ -158,11 +158,7 @@ def test_an_unhandled_error_in_the_operator_process_is_500(server: OperatorServe
 
 
 def test_a_connection_that_sends_nothing_does_not_hold_the_others(address: str) -> None:
-    srv = OperatorServer(echo("operator"), address, threads=1, request_seconds=0.2)
-    thread = threading.Thread(target=srv.serve)
-    thread.start()
-    try:
-        from multiprocessing.connection import Client
+    with serving(echo("operator"), address, threads=1, request_seconds=0.2):
         silent = Client(address, family="AF_UNIX")   # the only thread waits on it, then drops it
         reply = OperatorClient(address, answer_seconds=5).forward(
             {"REQUEST_METHOD": "GET", "PATH_INFO": "/console/", "QUERY_STRING": "",
@@ -171,9 +167,6 @@ def test_a_connection_that_sends_nothing_does_not_hold_the_others(address: str) 
         with pytest.raises(EOFError):
             silent.recv()
         silent.close()
-    finally:
-        srv.stop()
-        thread.join(10)
 
 
 def test_only_plain_values_and_the_body_cross_the_socket() -> None:
@@ -194,9 +187,6 @@ def test_console_requests_waiting_on_the_operator_process_never_hold_up_health(
         start_response("200 OK", [])
         return [b'{"by": "operator"}']
 
-    srv = OperatorServer(slow, address)
-    thread = threading.Thread(target=srv.serve)
-    thread.start()
     adapter = RsgiAdapter(echo("worker"), max_body_bytes=1000, read_timeout=1, threads=2,
                           operator=OperatorClient(address))
 
@@ -214,9 +204,8 @@ def test_console_requests_waiting_on_the_operator_process_never_hold_up_health(
         assert health.response is not None
         return dict(json.loads(health.response[2]))
 
-    try:
-        assert asyncio.run(scenario())["by"] == "worker"
-    finally:
-        release.set()
-        srv.stop()
-        thread.join(10)
+    with serving(slow, address):
+        try:
+            assert asyncio.run(scenario())["by"] == "worker"
+        finally:
+            release.set()
