@@ -23,6 +23,7 @@ so runs on different ports share nothing:
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -130,12 +131,28 @@ def plan(environ: Mapping[str, str], local: Path, redis_port: int | None = None)
 
 
 SHARED_NAMES = ("REDIS_URL", "DATABASE_URL", "TENANTS_FILE", "RILLA_BASE_URL",
-                "CALLRAIL_BASE_URL", "PORT", *DEMO_ENV)
+                "CALLRAIL_BASE_URL", "PORT", "ADMIN_TOKEN", *DEMO_ENV)
+
+
+def admin_token(p: RunPlan) -> str:
+    """The run's ``ADMIN_TOKEN`` (the console's sign-in): the one set in the environment,
+    else this run directory's own, made once and kept (0600) so a browser's session survives
+    a restart of the run."""
+    if p.env.get("ADMIN_TOKEN", "").strip():
+        return p.env["ADMIN_TOKEN"]
+    path = p.home / "admin-token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16) + "\n")
+    return path.read_text().strip()
 
 
 def write_files(p: RunPlan) -> None:
-    """The demo tenants file and ``env`` (``. .local/run-PORT/env`` in another shell)."""
+    """The demo tenants file, the run's admin token, and ``env`` (``. .local/run-PORT/env``
+    in another shell)."""
     p.home.mkdir(parents=True, exist_ok=True)
+    p.env["ADMIN_TOKEN"] = admin_token(p)
     if p.demo:
         Path(p.env["TENANTS_FILE"]).write_text(DEMO_TENANTS)
     lines = [f"# written by ./dev run (port {p.port}); in a shell: . {p.env_file}"]
@@ -239,6 +256,7 @@ def run_local() -> None:
             send_samples(base, f"http://127.0.0.1:{p.rilla_port}", env, say=_say)
         _say(f"running; webhooks at {base}/webhooks/callrail/<tenant> and "
              f"{base}/webhooks/callingly/<tenant>?token=...  (Ctrl-C stops everything)")
+        _say(f"on-call console: {base}/console/ (sign in with ADMIN_TOKEN from {p.env_file})")
         while not stop.is_set():
             if any(proc.poll() is not None for proc in procs):
                 dead = [n for (n, _), proc in zip(commands, procs, strict=True)

@@ -44,3 +44,21 @@ def test_the_readme_recipe_works_from_another_shell(tmp_path: Path) -> None:
     assert "1 tenant(s) OK" in out.stdout and "- demo:" in out.stdout
     for secret in DEMO_ENV.values():
         assert secret not in out.stdout
+
+
+def test_the_run_has_an_admin_token_for_the_console_kept_across_runs(tmp_path: Path) -> None:
+    """The console refuses everything without ADMIN_TOKEN: a new user's run makes one, keeps
+    it in the run's directory (owner only) and in ``env``; a token the user set is used."""
+    p = plan({"PATH": "/bin"}, tmp_path, redis_port=1)
+    write_files(p)
+    token = p.env["ADMIN_TOKEN"]
+    assert len(token) == 32
+    assert (p.home / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert f"export ADMIN_TOKEN={token}" in p.env_file.read_text()
+    again = plan({"PATH": "/bin"}, tmp_path, redis_port=1)
+    write_files(again)
+    assert again.env["ADMIN_TOKEN"] == token
+    mine = plan({"PATH": "/bin", "ADMIN_TOKEN": "my-own-token"}, tmp_path, redis_port=1)
+    write_files(mine)
+    assert mine.env["ADMIN_TOKEN"] == "my-own-token"
+    assert "export ADMIN_TOKEN=my-own-token" in mine.env_file.read_text()
