@@ -159,6 +159,7 @@ class OperatorServer:
                     if self._stopping.is_set():
                         break
                     log.exception("the operator process could not accept a request")
+                    self._stopping.wait(0.1)   # out of file descriptors, say: not a busy loop
                     continue
                 if self._stopping.is_set():
                     conn.close()
