@@ -68,6 +68,20 @@ def is_operator_path(path: str) -> bool:
     return path.startswith(OPERATOR_PATHS)
 
 
+INTERNAL: Response = (500, [("Content-Type", "application/json")],
+                      b'{"error": "internal error"}')
+
+
+def answer(app: WSGIApp, environ: dict[str, Any]) -> Response:
+    """``call_wsgi``, and a 500 for an error the app let through (the door and Flask catch
+    their own errors: this is a bug, logged)."""
+    try:
+        return call_wsgi(app, environ)
+    except Exception:
+        log.exception("unhandled error")
+        return INTERNAL
+
+
 def call_wsgi(app: WSGIApp, environ: dict[str, Any]) -> Response:
     """The WSGI app's status, headers and joined body (it never streams here)."""
     answer: list[Any] = []
@@ -187,11 +201,7 @@ class OperatorServer:
                 return
             environ["wsgi.input"] = io.BytesIO(environ.pop(_BODY, b""))
             environ["wsgi.errors"] = sys.stderr
-            try:
-                reply: Response = call_wsgi(self.app, environ)
-            except Exception:   # Flask catches its own errors: this is a bug
-                log.exception("unhandled error")
-                reply = json_reply(500, "internal error")
+            reply = answer(self.app, environ)
             with contextlib.suppress(OSError):   # the worker gave up (504), or went away
                 conn.send(reply)
 

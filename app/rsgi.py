@@ -35,12 +35,11 @@ from app.operator_process import (
     OperatorClient,
     Response,
     WSGIApp,
-    call_wsgi,
+    answer,
     is_operator_path,
 )
 
 log = logging.getLogger("rilla_bridge.web")
-_INTERNAL: Response = (500, [("Content-Type", "application/json")], b'{"error": "internal error"}')
 _EMPTY = b""
 
 
@@ -175,11 +174,7 @@ class RsgiAdapter:
         return environ
 
     def _call(self, environ: dict[str, Any]) -> Response:
-        try:
-            return call_wsgi(self.wsgi_app, environ)
-        except Exception:   # the door and Flask catch their own errors: this is a bug
-            log.exception("unhandled error")
-            return _INTERNAL
+        return answer(self.wsgi_app, environ)
 
     def _operator(self, environ: dict[str, Any]) -> Response:
         """A console or admin API request: answered by the operator process, or here when
