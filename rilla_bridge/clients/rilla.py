@@ -23,9 +23,18 @@ from importlib import metadata
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
-import requests
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
 
-from rilla_bridge.http import http_session
+from rilla_bridge.http import http_pool
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,7 @@ def _version() -> str:
 
 
 USER_AGENT = f"rilla-bridge/{_version()}"
+BASE_HEADERS = {"User-Agent": USER_AGENT, "Accept": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -116,10 +126,10 @@ def _valid_header_value(value: str) -> bool:
 class RillaClient:
     """Thread- and greenlet-safe client for the Custom CRM API.
 
-    One ``requests.Session`` per process (re-created after ``fork``), whose connection
-    pool holds ``pool_maxsize`` connections, more than the Procfile's 200 greenlets a worker
-    runs, so that none opens and drops a connection of its own.
-    The adapter never retries on its own: retries are the caller's decision.
+    One urllib3 pool per process (``rilla_bridge.http.http_pool``, re-created after
+    ``fork``), holding ``pool_maxsize`` connections, more than the Procfile's 200 greenlets a
+    worker runs, so that none opens and drops a connection of its own. The pool never
+    retries or follows a redirect on its own: retries are the caller's decision.
     """
 
     def __init__(self, base_url: str, *, connect_timeout: float = 3.05,
@@ -129,8 +139,9 @@ class RillaClient:
         self.read_timeout = read_timeout
         self.pool_maxsize = pool_maxsize
         self._lock = threading.Lock()
-        self._session: requests.Session | None = None
+        self._pool: urllib3.PoolManager | None = None
         self._pid = 0
+        self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
 
     def __repr__(self) -> str:
         return f"RillaClient(base_url={self.base_url!r})"
@@ -158,38 +169,34 @@ class RillaClient:
         return result
 
     def close(self) -> None:
-        """Close this process's session and its pooled connections."""
+        """Close this process's pooled connections."""
         with self._lock:
-            session, self._session = self._session, None
-        if session is not None and self._pid == os.getpid():
-            session.close()
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.clear()
 
     # -- internals ------------------------------------------------------------------
 
-    def session(self) -> requests.Session:
-        """The session for the current process, created on first use (and after fork)."""
+    def pool(self) -> urllib3.PoolManager:
+        """The pool for the current process, created on first use (and after fork)."""
         pid = os.getpid()
-        session = self._session
-        if session is not None and self._pid == pid:
-            return session
+        pool = self._pool
+        if pool is not None and self._pid == pid:
+            return pool
         with self._lock:
-            if self._session is None or self._pid != pid:
+            if self._pool is None or self._pid != pid:
                 # After fork the parent's sockets are shared: drop them without closing.
-                self._session = self._new_session()
+                self._pool = http_pool(self.base_url, maxsize=self.pool_maxsize,
+                                       headers=BASE_HEADERS)
                 self._pid = pid
-            return self._session
-
-    def _new_session(self) -> requests.Session:
-        session = http_session(self.base_url, pool_maxsize=self.pool_maxsize)
-        session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-        return session
+            return self._pool
 
     def _send(self, method: str, path: str, api_key: str,
               payload: Mapping[str, Any] | None) -> RillaResult:
         if not isinstance(api_key, str) or not _valid_header_value(api_key):
             return RillaResult("permanent", None, "",
                                error="api key is empty or not a valid header value")
-        headers = {"x-api-key": api_key}
+        headers = {**BASE_HEADERS, "x-api-key": api_key}
         data: bytes | None = None
         if payload is not None:
             try:
@@ -200,23 +207,23 @@ class RillaClient:
             headers["Content-Type"] = "application/json"
         started = time.monotonic()
         try:
-            response = self.session().request(
-                method, self.base_url + path, data=data, headers=headers,
-                timeout=(self.connect_timeout, self.read_timeout), allow_redirects=False)
-        except requests.exceptions.ConnectTimeout:
-            return self._failure(method, path, f"connect timeout after {self.connect_timeout}s")
-        except requests.exceptions.ReadTimeout:
-            return self._failure(method, path, f"read timeout after {self.read_timeout}s")
-        except requests.exceptions.ConnectionError as exc:
+            response = self.pool().urlopen(
+                method, self.base_url + path, body=data, headers=headers,
+                timeout=self._timeout, redirect=False, retries=False)
+        except NewConnectionError as exc:   # (a subclass of ConnectTimeoutError)
             return self._failure(method, path, f"connection error ({_cause_name(exc)})")
-        except requests.exceptions.RequestException as exc:
+        except ConnectTimeoutError:
+            return self._failure(method, path, f"connect timeout after {self.connect_timeout}s")
+        except ReadTimeoutError:
+            return self._failure(method, path, f"read timeout after {self.read_timeout}s")
+        except (ProtocolError, SSLError, ProxyError) as exc:
+            return self._failure(method, path, f"connection error ({_cause_name(exc)})")
+        except HTTPError as exc:
             return self._failure(method, path, f"request failed ({type(exc).__name__})")
-        try:
-            text = response.text[:BODY_LIMIT]
-        finally:
-            response.close()
-        result = classify(response.status_code, text, response.headers.get("Retry-After"))
-        log.debug("rilla %s %s -> %s in %.0f ms", method, path, response.status_code,
+        # Rilla answers JSON (UTF-8); a byte that is not UTF-8 is replaced, never an error.
+        text = response.data[:4 * BODY_LIMIT].decode("utf-8", "replace")[:BODY_LIMIT]
+        result = classify(response.status, text, response.headers.get("Retry-After"))
+        log.debug("rilla %s %s -> %s in %.0f ms", method, path, response.status,
                   (time.monotonic() - started) * 1000)
         return result
 

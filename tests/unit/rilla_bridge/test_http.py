@@ -1,10 +1,14 @@
-"""Sessions read the environment once, when built, not on every request."""
+"""Sessions and pools read the environment once, when built, not on every request."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from rilla_bridge.http import http_session
+import certifi
+import pytest
+import urllib3
+
+from rilla_bridge.http import http_pool, http_session
 
 
 def test_proxy_and_ca_bundle_from_the_environment_are_kept(monkeypatch: pytest.MonkeyPatch
@@ -29,3 +33,34 @@ def test_no_proxy_for_the_host_means_no_proxy(monkeypatch: pytest.MonkeyPatch) -
     assert session.proxies == {}
     assert session.merge_environment_settings(
         "http://127.0.0.1:8765/x", {}, None, None, None)["proxies"] == {}
+
+
+def test_pool_takes_proxy_and_ca_bundle_once(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    pool = http_pool("https://crm.rillavoice.com", maxsize=7, headers={"Accept": "x"})
+    assert isinstance(pool, urllib3.ProxyManager)
+    assert pool.proxy is not None and pool.proxy.host == "proxy.internal"
+    assert pool.connection_pool_kw["ca_certs"] == str(bundle)
+    assert pool.connection_pool_kw["maxsize"] == 7
+    assert pool.connection_pool_kw["retries"].total is False
+    assert pool.headers == {"Accept": "x"}
+
+
+def test_pool_without_proxy_verifies_with_certifi(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "crm.rillavoice.com")
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    pool = http_pool("https://crm.rillavoice.com")
+    assert not isinstance(pool, urllib3.ProxyManager)
+    assert pool.connection_pool_kw["ca_certs"] == certifi.where()
+    assert pool.connection_pool_kw["cert_reqs"] == "CERT_REQUIRED"
+    # A directory of certificates (as requests accepts) goes in as one.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs")
+    assert http_pool("https://x.test").connection_pool_kw["ca_cert_dir"] == "/etc/ssl/certs"

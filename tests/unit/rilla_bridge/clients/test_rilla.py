@@ -290,9 +290,10 @@ def test_headers_and_pool(client: RillaClient, sandbox: Sandbox) -> None:
     assert headers["CONTENT_TYPE"] == "application/json"
     assert headers["HTTP_ACCEPT"] == "application/json"
     assert headers["HTTP_USER_AGENT"] == USER_AGENT and USER_AGENT.startswith("rilla-bridge/")
-    adapter = client.session().get_adapter(sandbox.url)
-    assert adapter._pool_maxsize == 256  # type: ignore[attr-defined]  # > 200 greenlets
-    assert adapter.max_retries.total == 0  # type: ignore[attr-defined]
+    pool = client.pool().connection_from_url(sandbox.url)
+    assert pool.pool.maxsize == 256  # type: ignore[union-attr]  # > 200 greenlets
+    assert client.pool().connection_pool_kw["retries"].total is False   # the caller retries
+    assert headers.get("HTTP_ACCEPT_ENCODING", "identity") == "identity"   # never compressed
 
 
 def test_refuses_bad_key_or_payload_without_leaking(client: RillaClient,
@@ -314,14 +315,14 @@ def test_key_never_logged(client: RillaClient, caplog: pytest.LogCaptureFixture)
     assert caplog.records and KEY not in caplog.text
 
 
-def test_session_per_process(client: RillaClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = client.session()
-    assert client.session() is first
+def test_pool_per_process(client: RillaClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = client.pool()
+    assert client.pool() is first
     monkeypatch.setattr(os, "getpid", lambda: -1)  # as if in a forked child
-    child = client.session()
-    assert child is not first and client.session() is child
+    child = client.pool()
+    assert child is not first and client.pool() is child
     monkeypatch.undo()
-    first.close()
+    first.clear()
 
 
 def test_concurrent_requests_share_the_pool(sandbox: Sandbox, state: SandboxState,
@@ -337,3 +338,68 @@ def test_concurrent_requests_share_the_pool(sandbox: Sandbox, state: SandboxStat
     assert len(state.list_appointments()) == 100
     assert held.peak >= 20 and len(held.delays) == 100
     assert len(sandbox.ports) <= 50
+
+
+# -- a server that misbehaves (raw sockets: what no WSGI sandbox would send) --------------
+
+class RawServer:
+    """Answers every connection on loopback with ``reply`` (raw bytes), then closes it."""
+
+    def __init__(self, reply: bytes) -> None:
+        import socket
+        self.reply = reply
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.requests.append(data)
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("reply", "kind", "status", "error"), [
+    # cut off in the middle of the body: no answer, so retryable (it may have been stored)
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\"", "retryable", None,
+     "connection error"),
+    # not HTTP at all
+    (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "retryable", None, "connection error"),
+    # a redirect is not followed (the key would go wherever it points): retryable, as SPEC's
+    # unexpected statuses are
+    (b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/elsewhere\r\nContent-Length: 0\r\n"
+     b"\r\n", "retryable", 302, None),
+    # a body that is not UTF-8 is kept, its bad bytes replaced
+    (b"HTTP/1.1 422 Unprocessable\r\nContent-Length: 6\r\n\r\nbad\xff\xfe!", "permanent", 422,
+     None),
+])
+def test_a_misbehaving_server_is_an_outcome_not_an_exception(
+        reply: bytes, kind: str, status: int | None, error: str | None) -> None:
+    server = RawServer(reply)
+    try:
+        with RillaClient(server.url, connect_timeout=2, read_timeout=2) as c:
+            result = c.upsert(KEY, FULL)
+    finally:
+        server.close()
+    assert (result.kind, result.status) == (kind, status)
+    assert len(server.requests) == 1   # never retried, never redirected
+    if error:
+        assert result.error is not None and result.error.startswith(error)
+    if status == 422:
+        assert result.body == "bad\ufffd\ufffd!"
+    assert_no_secret(result, c)
