@@ -13,7 +13,9 @@ history process). Then, against the real web process (granian) on that database:
    quiet; while one operator walks through the console pages reading each for ``--think``
    seconds (``--rounds`` quiet / operator pairs, alternating); and while one walks through
    them without any pause (a worst case no person reaches): p50 / p99 of the 202s (target:
-   p99 within 10 % of quiet).
+   p99 within 10 % of quiet). ``--interleave N`` adds N runs in which quiet and operator
+   alternate every ``--window`` seconds within the run, the webhooks of each kind of window
+   compared: the machine's speed drifts between separate runs, not within seconds.
 
 3. **bulk replay** (``--replay N``): the seed makes exactly N dead letters ``rilla_rejected``;
    the Rilla sandbox, two workers, the scheduler (whose job thread runs bulk jobs) and the
@@ -32,6 +34,7 @@ logs are kept in ``bench/results/console-logs/``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -53,6 +56,8 @@ from bench.common import (
     DEFAULT_REDIS,
     RESULTS,
     BodyFactory,
+    cpu_seconds,
+    cpu_used,
     flush,
     machine,
     rerun_command,
@@ -273,8 +278,31 @@ def time_queries(web: str, sample: dict[str, Any], repeat: int, db_url: str,
     return rows
 
 
+def cpu_by_part(sysm: System, redis_url: str) -> dict[str, float]:
+    """CPU seconds so far of each part on this machine: the web workers (granian's process and
+    its workers), the operator process, every PostgreSQL process, Redis, the scheduler, and
+    this process (the load generator). Read before and after a run and subtract."""
+    import psutil
+
+    out = dict.fromkeys(("web", "operator", "postgres", "redis", "scheduler"), 0.0)
+    web = psutil.Process(sysm.procs["web"].pid)
+    for p in [web, *web.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            part = "operator" if "operator_process" in " ".join(p.cmdline()) else "web"
+            out[part] += t.user + t.system
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] in ("postgres", "postmaster"):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                out["postgres"] += t.user + t.system
+    out.update(cpu_seconds({"scheduler": sysm.procs["scheduler"]}, redis_url))
+    out["bench"] = time.process_time()
+    return out
+
+
 def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, Any],
-               start: int, think: float = 0.0) -> dict[str, Any]:
+               start: int, think: float = 0.0, sysm: System | None = None) -> dict[str, Any]:
     factory = BodyFactory(secrets.token_hex(3))
     url = f"{web}/webhooks/callrail/t00"
     local = threading.local()
@@ -294,17 +322,24 @@ def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, 
             codes[code] = codes.get(code, 0) + 1
 
     # The operator is a process of its own (a browser is not in the bench's interpreter):
-    # its requests and their parsing take no GIL from the posting threads here.
-    operator_proc = None
-    if operator:
-        paths = [p for name, p in targets(sample, web, _api()) if name.startswith("page")]
-        stop_flag = multiprocessing.Event()
-        pages_done = multiprocessing.Value("i", 0)
-        operator_proc = multiprocessing.Process(target=_page_through,
-                                                args=(web, paths, think, stop_flag, pages_done))
-        operator_proc.start()
-        time.sleep(1.5)
+    # its requests and their parsing take no GIL from the posting threads here. Spawned, not
+    # forked: a forked child shares this process's large heap copy-on-write, so for as long
+    # as it lives every page the posting threads write is copied first (a fault each), a
+    # cost of the bench's own, not of the server's, that only the operator runs paid. Quiet
+    # runs have it too, signed in and idle (the console open, nobody clicking): with it only
+    # in the operator runs, its mere presence on the two cores came out in the comparison.
+    paths = ([p for name, p in targets(sample, web, _api()) if name.startswith("page")]
+             if operator else [])
+    spawn = multiprocessing.get_context("spawn")
+    stop_flag = spawn.Event()
+    pages_done = spawn.Value("i", 0)
+    browser_cpu = spawn.Value("d", 0.0)
+    operator_proc = spawn.Process(
+        target=_page_through, args=(web, paths, think, stop_flag, pages_done, browser_cpu))
+    operator_proc.start()
+    time.sleep(3.0)   # an interpreter to start and sign in
     pool = ThreadPoolExecutor(8)
+    cpu0 = cpu_by_part(sysm, sample["redis"]) if sysm else {}
     t0 = time.monotonic()
     futures = []
     for k in range(n):
@@ -315,17 +350,17 @@ def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, 
         futures.append(pool.submit(post, k))
     for f in futures:
         f.result()
-    pages = 0
-    if operator_proc is not None:
-        stop_flag.set()
-        operator_proc.join(timeout=60)
-        pages = int(pages_done.value)
+    cpu = cpu_used(cpu0, cpu_by_part(sysm, sample["redis"])) if sysm else {}
+    stop_flag.set()
+    operator_proc.join(timeout=60)
+    pages, browser = int(pages_done.value), round(browser_cpu.value, 2)
     pool.shutdown()
     who = ("quiet" if not operator else
            f"operator, {think:g} s between pages" if think else "operator, no pause")
     return {"operator": who, "posts": n, "codes": codes,
             "p50_ms": round(pct(lat, 50), 2), "p99_ms": round(pct(lat, 99), 2),
-            "max_ms": round(max(lat), 2), "operator_pages": pages}
+            "max_ms": round(max(lat), 2), "operator_pages": pages,
+            "cpu_s": {**cpu, "browser": browser}}
 
 
 def live_run(sysm: System, n: int, rate: float, tenant: str = "t01") -> dict[str, Any]:
@@ -439,17 +474,106 @@ def replay_stage(sysm: System, args: argparse.Namespace, backlog: int) -> dict[s
             "live_p99_ratio": round(during["p99_ms"] / quiet["p99_ms"], 3)}
 
 
-def _page_through(web: str, paths: list[str], think: float, stop: Any, done: Any) -> None:
+def _page_through(web: str, paths: list[str], think: float, stop: Any, done: Any,
+                  cpu: Any) -> None:
     s = sign_in(web)
-    while not stop.is_set():
-        for p in paths:
-            if stop.is_set():
-                return
-            s.get(f"{web}{p}", timeout=30)
+    t0 = time.process_time()
+    try:
+        if not paths:
+            stop.wait()   # a quiet run: signed in, reading nothing
+        while not stop.is_set():
+            for p in paths:
+                if stop.is_set():
+                    return
+                s.get(f"{web}{p}", timeout=30)
+                with done.get_lock():
+                    done.value += 1
+                if think:
+                    stop.wait(think)
+    finally:
+        cpu.value = time.process_time() - t0   # the "browser": not on the server in production
+
+
+def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start: int,
+                    window: float, think: float, sysm: System | None = None) -> dict[str, Any]:
+    """N webhooks at ``rate``/s while the operator pages in every other ``window`` seconds
+    (one page every ``think`` seconds, all started early enough in their window to end in it)
+    and is idle in the rest: the p99 of the webhooks sent in operator windows against those
+    sent in quiet ones. Quiet and operator alternate every few seconds, so both see the same
+    minutes of the machine (whose speed drifts by ±20 % between runs of 20 s here: separate
+    runs compare the machine's moments as much as the operator)."""
+    factory = BodyFactory(secrets.token_hex(3))
+    url = f"{web}/webhooks/callrail/t00"
+    local = threading.local()
+    sent: list[tuple[float, float]] = []   # (send time from t0, latency ms)
+    codes: dict[int, int] = {}
+    lock = threading.Lock()
+    paths = [p for name, p in targets(sample, web, _api()) if name.startswith("page")]
+    spawn = multiprocessing.get_context("spawn")
+    todo = spawn.Queue()
+    done = spawn.Value("i", 0)
+    cpu_browser = spawn.Value("d", 0.0)
+    browser = spawn.Process(target=_page_on_request, args=(web, todo, done, cpu_browser))
+    browser.start()
+    time.sleep(3.0)   # an interpreter to start and sign in
+
+    def post(i: int, at: float) -> None:
+        s = getattr(local, "s", None) or requests.Session()
+        local.s = s
+        raw = factory.body(start + i)
+        sig = signature("t00-signing-key-00000", raw)
+        t = time.perf_counter()
+        code = s.post(url, data=raw, headers={"Signature": sig}, timeout=30).status_code
+        with lock:
+            sent.append((at, (time.perf_counter() - t) * 1000))
+            codes[code] = codes.get(code, 0) + 1
+
+    # The pages: at these offsets of every operator window (odd windows).
+    offsets = [k * think for k in range(max(1, int((window - 0.25) / think) + 1))
+               if k * think <= window - 0.25]
+    pool = ThreadPoolExecutor(8)
+    cpu0 = cpu_by_part(sysm, sample["redis"]) if sysm else {}
+    t0 = time.monotonic()
+    page_times = sorted(w * window + o for w in range(1, int(n / rate / window) + 2, 2)
+                        for o in offsets)
+    futures, pages_asked, k = [], 0, 0
+    for i in range(n):
+        slot = i / rate
+        while pages_asked < len(page_times) and page_times[pages_asked] <= slot:
+            todo.put(paths[k % len(paths)])
+            k += 1
+            pages_asked += 1
+        delay = t0 + slot - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(pool.submit(post, i, slot))
+    for f in futures:
+        f.result()
+    cpu = cpu_used(cpu0, cpu_by_part(sysm, sample["redis"])) if sysm else {}
+    todo.put(None)
+    browser.join(timeout=60)
+    pool.shutdown()
+    on = [ms for at, ms in sent if int(at // window) % 2 == 1]
+    off = [ms for at, ms in sent if int(at // window) % 2 == 0]
+    return {"window_s": window, "posts": n, "codes": codes, "pages": int(done.value),
+            "quiet_n": len(off), "operator_n": len(on),
+            "quiet_p50_ms": round(pct(off, 50), 2), "quiet_p99_ms": round(pct(off, 99), 2),
+            "operator_p50_ms": round(pct(on, 50), 2), "operator_p99_ms": round(pct(on, 99), 2),
+            "p99_ratio": round(pct(on, 99) / pct(off, 99), 3),
+            "cpu_s": {**cpu, "browser": round(cpu_browser.value, 2)}, "_on": on, "_off": off}
+
+
+def _page_on_request(web: str, todo: Any, done: Any, cpu: Any) -> None:
+    """The operator of ``interleaved_run``: reads each page it is asked for, as it is asked."""
+    s = sign_in(web)
+    t0 = time.process_time()
+    try:
+        while (path := todo.get()) is not None:
+            s.get(f"{web}{path}", timeout=30)
             with done.get_lock():
                 done.value += 1
-            if think:
-                stop.wait(think)
+    finally:
+        cpu.value = time.process_time() - t0
 
 
 def _api() -> requests.Session:
@@ -468,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--rounds", type=int, default=3,
                    help="quiet / operator pairs of intake runs, alternating")
+    p.add_argument("--interleave", type=int, default=0, metavar="N",
+                   help="also N runs of --intake webhooks with the operator paging in every "
+                        "other --window seconds (quiet and operator on the same minutes)")
+    p.add_argument("--window", type=float, default=2.0)
     p.add_argument("--think", type=float, default=1.0,
                    help="seconds an operator spends on a page (the operator runs)")
     p.add_argument("--redis", default=DEFAULT_REDIS, help="a Redis db this run may flush")
@@ -517,17 +645,19 @@ def main(argv: list[str] | None = None) -> int:
         rows = time_queries(sysm.web, sample, args.repeat, db_url, text)
         result["queries"] = rows
         print(table(rows, ["query", "p50_ms", "p95_ms", "max_ms"]), flush=True)
-        if args.intake:
+        if args.intake and args.rounds:
             # quiet and operator runs alternate (--rounds pairs): each pair's ratio is taken
             # on the same minutes of the machine; then one run with no pause at all
             runs = []
+            # (in ABBA order: quiet first in even pairs, operator first in odd ones, so a
+            # machine that drifts during the stage does not always favour the quiet run)
             for r in range(args.rounds):
-                runs.append(intake_run(sysm.web, args.intake, args.rate, False, sample,
-                                       2 * r * args.intake))
-                runs.append(intake_run(sysm.web, args.intake, args.rate, True, sample,
-                                       (2 * r + 1) * args.intake, think=args.think))
+                pair = [intake_run(sysm.web, args.intake, args.rate, operator, sample,
+                                   (2 * r + k) * args.intake, think=args.think, sysm=sysm)
+                        for k, operator in enumerate((r % 2 == 1, r % 2 == 0))]
+                runs += sorted(pair, key=lambda run: run["operator"] != "quiet")
             runs.append(intake_run(sysm.web, args.intake, args.rate, True, sample,
-                                   2 * args.rounds * args.intake))
+                                   2 * args.rounds * args.intake, sysm=sysm))
             ratios = [runs[2 * r + 1]["p99_ms"] / runs[2 * r]["p99_ms"]
                       for r in range(args.rounds)]
             quiet = [run["p99_ms"] for run in runs[:-1:2]]
@@ -538,12 +668,39 @@ def main(argv: list[str] | None = None) -> int:
                                                             / statistics.median(quiet), 3)}
             print(table(runs, ["operator", "posts", "p50_ms", "p99_ms", "max_ms",
                                "operator_pages", "codes"]), flush=True)
+            print("CPU seconds per run, by part:", flush=True)
+            print(table([{"run": run["operator"], **run["cpu_s"]} for run in runs],
+                        ["run", "web", "operator", "postgres", "redis", "scheduler",
+                         "bench", "browser"]), flush=True)
             print(f"intake p99, operator {args.think:g} s per page / quiet, per pair: "
                   f"{', '.join(f'{x:.3f}' for x in ratios)} (median "
                   f"{statistics.median(ratios):.3f}); no pause / median quiet: "
                   f"{result['intake_p99_ratio']['no_pause']:.3f}", flush=True)
+        if args.intake and args.interleave:
+            inter = [interleaved_run(sysm.web, args.intake, args.rate, sample,
+                                     (2 * args.rounds + 1 + r) * args.intake, args.window,
+                                     args.think, sysm=sysm) for r in range(args.interleave)]
+            on = [ms for r in inter for ms in r.pop("_on")]
+            off = [ms for r in inter for ms in r.pop("_off")]
+            result["interleaved"] = inter
+            result["interleaved_pooled"] = {
+                "quiet_n": len(off), "operator_n": len(on),
+                "quiet_p99_ms": round(pct(off, 99), 2), "operator_p99_ms": round(pct(on, 99), 2),
+                "p99_ratio": round(pct(on, 99) / pct(off, 99), 3)}
+            print(table(inter, ["window_s", "posts", "pages", "quiet_n", "quiet_p50_ms",
+                                "quiet_p99_ms", "operator_n", "operator_p50_ms",
+                                "operator_p99_ms", "p99_ratio"]), flush=True)
+            print("CPU seconds per interleaved run, by part:", flush=True)
+            print(table([r["cpu_s"] for r in inter], ["web", "operator", "postgres", "redis",
+                                                      "scheduler", "bench", "browser"]),
+                  flush=True)
+            print("intake p99, operator windows / quiet windows: "
+                  f"{', '.join(str(r['p99_ratio']) for r in inter)} (median "
+                  f"{statistics.median(r['p99_ratio'] for r in inter):.3f}); all runs' webhooks "
+                  f"together: {result['interleaved_pooled']}", flush=True)
         if args.replay:
             backlog = sum(r["codes"].get(202, 0) for r in result.get("intake", []))
+            backlog += sum(r["codes"].get(202, 0) for r in result.get("interleaved", []))
             rep = replay_stage(sysm, args, backlog)
             result["replay"] = rep
             print(json.dumps(rep, indent=2), flush=True)
