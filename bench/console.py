@@ -278,6 +278,31 @@ def time_queries(web: str, sample: dict[str, Any], repeat: int, db_url: str,
     return rows
 
 
+class Poster:
+    """Signed CallRail webhooks for tenant t00, from many threads (a session each): ``post``
+    sends the i-th and returns its latency in ms; ``codes`` counts the answers."""
+
+    def __init__(self, web: str, start: int) -> None:
+        self.factory = BodyFactory(secrets.token_hex(3))
+        self.url = f"{web}/webhooks/callrail/t00"
+        self.start = start
+        self.codes: dict[int, int] = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def post(self, i: int) -> float:
+        s = getattr(self._local, "s", None) or requests.Session()
+        self._local.s = s
+        raw = self.factory.body(self.start + i)
+        sig = signature("t00-signing-key-00000", raw)
+        t = time.perf_counter()
+        code = s.post(self.url, data=raw, headers={"Signature": sig}, timeout=30).status_code
+        ms = (time.perf_counter() - t) * 1000
+        with self._lock:
+            self.codes[code] = self.codes.get(code, 0) + 1
+        return ms
+
+
 def cpu_by_part(sysm: System, redis_url: str) -> dict[str, float]:
     """CPU seconds so far of each part on this machine: the web workers (granian's process and
     its workers), the operator process, every PostgreSQL process, Redis, the scheduler, and
@@ -303,23 +328,11 @@ def cpu_by_part(sysm: System, redis_url: str) -> dict[str, float]:
 
 def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, Any],
                start: int, think: float = 0.0, sysm: System | None = None) -> dict[str, Any]:
-    factory = BodyFactory(secrets.token_hex(3))
-    url = f"{web}/webhooks/callrail/t00"
-    local = threading.local()
+    poster = Poster(web, start)
     lat: list[float] = []
-    codes: dict[int, int] = {}
-    lock = threading.Lock()
 
     def post(i: int) -> None:
-        s = getattr(local, "s", None) or requests.Session()
-        local.s = s
-        raw = factory.body(start + i)
-        sig = signature("t00-signing-key-00000", raw)
-        t0 = time.perf_counter()
-        code = s.post(url, data=raw, headers={"Signature": sig}, timeout=30).status_code
-        with lock:
-            lat.append((time.perf_counter() - t0) * 1000)
-            codes[code] = codes.get(code, 0) + 1
+        lat.append(poster.post(i))
 
     # The operator is a process of its own (a browser is not in the bench's interpreter):
     # its requests and their parsing take no GIL from the posting threads here. Spawned, not
@@ -357,7 +370,7 @@ def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, 
     pool.shutdown()
     who = ("quiet" if not operator else
            f"operator, {think:g} s between pages" if think else "operator, no pause")
-    return {"operator": who, "posts": n, "codes": codes,
+    return {"operator": who, "posts": n, "codes": poster.codes,
             "p50_ms": round(pct(lat, 50), 2), "p99_ms": round(pct(lat, 99), 2),
             "max_ms": round(max(lat), 2), "operator_pages": pages,
             "cpu_s": {**cpu, "browser": browser}}
@@ -502,12 +515,8 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
     sent in quiet ones. Quiet and operator alternate every few seconds, so both see the same
     minutes of the machine (whose speed drifts by ±20 % between runs of 20 s here: separate
     runs compare the machine's moments as much as the operator)."""
-    factory = BodyFactory(secrets.token_hex(3))
-    url = f"{web}/webhooks/callrail/t00"
-    local = threading.local()
+    poster = Poster(web, start)
     sent: list[tuple[float, float]] = []   # (send time from t0, latency ms)
-    codes: dict[int, int] = {}
-    lock = threading.Lock()
     paths = [p for name, p in targets(sample, web, _api()) if name.startswith("page")]
     spawn = multiprocessing.get_context("spawn")
     todo = spawn.Queue()
@@ -518,15 +527,7 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
     time.sleep(3.0)   # an interpreter to start and sign in
 
     def post(i: int, at: float) -> None:
-        s = getattr(local, "s", None) or requests.Session()
-        local.s = s
-        raw = factory.body(start + i)
-        sig = signature("t00-signing-key-00000", raw)
-        t = time.perf_counter()
-        code = s.post(url, data=raw, headers={"Signature": sig}, timeout=30).status_code
-        with lock:
-            sent.append((at, (time.perf_counter() - t) * 1000))
-            codes[code] = codes.get(code, 0) + 1
+        sent.append((at, poster.post(i)))
 
     # The pages: at these offsets of every operator window (odd windows).
     offsets = [k * think for k in range(max(1, int((window - 0.25) / think) + 1))
@@ -555,7 +556,7 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
     pool.shutdown()
     on = [ms for at, ms in sent if int(at // window) % 2 == 1]
     off = [ms for at, ms in sent if int(at // window) % 2 == 0]
-    return {"window_s": window, "posts": n, "codes": codes, "pages": int(done.value),
+    return {"window_s": window, "posts": n, "codes": poster.codes, "pages": int(done.value),
             "quiet_n": len(off), "operator_n": len(on),
             "quiet_p50_ms": round(pct(off, 50), 2), "quiet_p99_ms": round(pct(off, 99), 2),
             "operator_p50_ms": round(pct(on, 50), 2), "operator_p99_ms": round(pct(on, 99), 2),
