@@ -19,9 +19,8 @@ def _ca_bundle() -> str | None:
 
 
 def http_session(base_url: str, *, pool_maxsize: int = 10) -> requests.Session:
-    """A Session for one API host whose environment is read once, here, instead of on every
-    request: requests otherwise scans the environment and netrc per call, a large share of a
-    worker's CPU per delivery."""
+    """A Session for one API host (CallRail's) whose environment is read once, here, instead
+    of on every request: requests otherwise scans the environment and netrc per call."""
     session = requests.Session()
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0,
                           pool_block=False)
