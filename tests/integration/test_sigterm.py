@@ -213,7 +213,9 @@ def test_sigterm_each_process_under_load_loses_nothing(system: System) -> None:
     # -- scheduler: its job leases are released; the other copy carries on ----------------
     node_a = f"{socket.gethostname()}:{s.procs['scheduler-a'].pid}"
     node_b = f"{socket.gethostname()}:{s.procs['scheduler-b'].pid}"
-    until(lambda: node_a in lease_owners(client).values(), 10, "scheduler-a holding a job")
+    # Both copies race for each job's lease when it lapses: on a busy machine scheduler-b
+    # may win every race for a while.
+    until(lambda: node_a in lease_owners(client).values(), 30, "scheduler-a holding a job")
     took, code = sigterm(s, "scheduler-a")
     report["scheduler"] = {"exit_s": round(took, 2), "code": code}
     assert took < EXIT_WITHIN and code == 0
