@@ -303,6 +303,38 @@ class Poster:
         return ms
 
 
+class Browser:
+    """The operator's browser: a process of its own (a browser is not in the bench's
+    interpreter, so its requests and their parsing take no GIL from the posting threads),
+    signed in before ``start`` returns. Spawned, not forked: a forked child shares this
+    process's large heap copy-on-write, so for as long as it lives every page the posting
+    threads write is copied first (a fault each), a cost of the bench's own, not of the
+    server's. ``stop`` ends it and returns the pages it read and its CPU seconds."""
+
+    def __init__(self, target: Any, *args: Any) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self.stop_flag = spawn.Event()
+        self.pages = spawn.Value("i", 0)
+        self.cpu = spawn.Value("d", 0.0)
+        self.proc = spawn.Process(target=target,
+                                  args=(*args, self.stop_flag, self.pages, self.cpu))
+
+    def start(self) -> Browser:
+        self.proc.start()
+        time.sleep(3.0)   # an interpreter to start and sign in
+        return self
+
+    def stop(self) -> tuple[int, float]:
+        self.stop_flag.set()
+        self.proc.join(timeout=60)
+        return int(self.pages.value), round(self.cpu.value, 2)
+
+
+def page_paths(sample: dict[str, Any], web: str) -> list[str]:
+    """The console pages an operator reads (``targets`` less the API)."""
+    return [p for name, p in targets(sample, web, _api()) if name.startswith("page")]
+
+
 def cpu_by_part(sysm: System, redis_url: str) -> dict[str, float]:
     """CPU seconds so far of each part on this machine: the web workers (granian's process and
     its workers), the operator process, every PostgreSQL process, Redis, the scheduler, and
@@ -327,32 +359,20 @@ def cpu_by_part(sysm: System, redis_url: str) -> dict[str, float]:
 
 
 def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, Any],
-               start: int, think: float = 0.0, sysm: System | None = None) -> dict[str, Any]:
+               start: int, sysm: System, think: float = 0.0) -> dict[str, Any]:
     poster = Poster(web, start)
     lat: list[float] = []
 
     def post(i: int) -> None:
         lat.append(poster.post(i))
 
-    # The operator is a process of its own (a browser is not in the bench's interpreter):
-    # its requests and their parsing take no GIL from the posting threads here. Spawned, not
-    # forked: a forked child shares this process's large heap copy-on-write, so for as long
-    # as it lives every page the posting threads write is copied first (a fault each), a
-    # cost of the bench's own, not of the server's, that only the operator runs paid. Quiet
-    # runs have it too, signed in and idle (the console open, nobody clicking): with it only
-    # in the operator runs, its mere presence on the two cores came out in the comparison.
-    paths = ([p for name, p in targets(sample, web, _api()) if name.startswith("page")]
-             if operator else [])
-    spawn = multiprocessing.get_context("spawn")
-    stop_flag = spawn.Event()
-    pages_done = spawn.Value("i", 0)
-    browser_cpu = spawn.Value("d", 0.0)
-    operator_proc = spawn.Process(
-        target=_page_through, args=(web, paths, think, stop_flag, pages_done, browser_cpu))
-    operator_proc.start()
-    time.sleep(3.0)   # an interpreter to start and sign in
+    # Quiet runs have the browser too, signed in and idle (the console open, nobody
+    # clicking): with it only in the operator runs, its mere presence on the two cores came
+    # out in the comparison.
+    browser = Browser(_page_through, web, page_paths(sample, web) if operator else [],
+                      think).start()
     pool = ThreadPoolExecutor(8)
-    cpu0 = cpu_by_part(sysm, sample["redis"]) if sysm else {}
+    cpu0 = cpu_by_part(sysm, sample["redis"])
     t0 = time.monotonic()
     futures = []
     for k in range(n):
@@ -363,17 +383,15 @@ def intake_run(web: str, n: int, rate: float, operator: bool, sample: dict[str, 
         futures.append(pool.submit(post, k))
     for f in futures:
         f.result()
-    cpu = cpu_used(cpu0, cpu_by_part(sysm, sample["redis"])) if sysm else {}
-    stop_flag.set()
-    operator_proc.join(timeout=60)
-    pages, browser = int(pages_done.value), round(browser_cpu.value, 2)
+    cpu = cpu_used(cpu0, cpu_by_part(sysm, sample["redis"]))
+    pages, browser_cpu = browser.stop()
     pool.shutdown()
     who = ("quiet" if not operator else
            f"operator, {think:g} s between pages" if think else "operator, no pause")
     return {"operator": who, "posts": n, "codes": poster.codes,
             "p50_ms": round(pct(lat, 50), 2), "p99_ms": round(pct(lat, 99), 2),
             "max_ms": round(max(lat), 2), "operator_pages": pages,
-            "cpu_s": {**cpu, "browser": browser}}
+            "cpu_s": {**cpu, "browser": browser_cpu}}
 
 
 def live_run(sysm: System, n: int, rate: float, tenant: str = "t01") -> dict[str, Any]:
@@ -508,7 +526,7 @@ def _page_through(web: str, paths: list[str], think: float, stop: Any, done: Any
 
 
 def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start: int,
-                    window: float, think: float, sysm: System | None = None) -> dict[str, Any]:
+                    window: float, think: float, sysm: System) -> dict[str, Any]:
     """N webhooks at ``rate``/s while the operator pages in every other ``window`` seconds
     (one page every ``think`` seconds, all started early enough in their window to end in it)
     and is idle in the rest: the p99 of the webhooks sent in operator windows against those
@@ -517,14 +535,9 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
     runs compare the machine's moments as much as the operator)."""
     poster = Poster(web, start)
     sent: list[tuple[float, float]] = []   # (send time from t0, latency ms)
-    paths = [p for name, p in targets(sample, web, _api()) if name.startswith("page")]
-    spawn = multiprocessing.get_context("spawn")
-    todo = spawn.Queue()
-    done = spawn.Value("i", 0)
-    cpu_browser = spawn.Value("d", 0.0)
-    browser = spawn.Process(target=_page_on_request, args=(web, todo, done, cpu_browser))
-    browser.start()
-    time.sleep(3.0)   # an interpreter to start and sign in
+    paths = page_paths(sample, web)
+    todo = multiprocessing.get_context("spawn").Queue()
+    browser = Browser(_page_on_request, web, todo).start()
 
     def post(i: int, at: float) -> None:
         sent.append((at, poster.post(i)))
@@ -533,16 +546,15 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
     offsets = [k * think for k in range(max(1, int((window - 0.25) / think) + 1))
                if k * think <= window - 0.25]
     pool = ThreadPoolExecutor(8)
-    cpu0 = cpu_by_part(sysm, sample["redis"]) if sysm else {}
+    cpu0 = cpu_by_part(sysm, sample["redis"])
     t0 = time.monotonic()
     page_times = sorted(w * window + o for w in range(1, int(n / rate / window) + 2, 2)
                         for o in offsets)
-    futures, pages_asked, k = [], 0, 0
+    futures, pages_asked = [], 0
     for i in range(n):
         slot = i / rate
         while pages_asked < len(page_times) and page_times[pages_asked] <= slot:
-            todo.put(paths[k % len(paths)])
-            k += 1
+            todo.put(paths[pages_asked % len(paths)])
             pages_asked += 1
         delay = t0 + slot - time.monotonic()
         if delay > 0:
@@ -550,22 +562,23 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
         futures.append(pool.submit(post, i, slot))
     for f in futures:
         f.result()
-    cpu = cpu_used(cpu0, cpu_by_part(sysm, sample["redis"])) if sysm else {}
+    cpu = cpu_used(cpu0, cpu_by_part(sysm, sample["redis"]))
     todo.put(None)
-    browser.join(timeout=60)
+    pages, browser_cpu = browser.stop()
     pool.shutdown()
     on = [ms for at, ms in sent if int(at // window) % 2 == 1]
     off = [ms for at, ms in sent if int(at // window) % 2 == 0]
-    return {"window_s": window, "posts": n, "codes": poster.codes, "pages": int(done.value),
+    return {"window_s": window, "posts": n, "codes": poster.codes, "pages": pages,
             "quiet_n": len(off), "operator_n": len(on),
             "quiet_p50_ms": round(pct(off, 50), 2), "quiet_p99_ms": round(pct(off, 99), 2),
             "operator_p50_ms": round(pct(on, 50), 2), "operator_p99_ms": round(pct(on, 99), 2),
             "p99_ratio": round(pct(on, 99) / pct(off, 99), 3),
-            "cpu_s": {**cpu, "browser": round(cpu_browser.value, 2)}, "_on": on, "_off": off}
+            "cpu_s": {**cpu, "browser": browser_cpu}, "_on": on, "_off": off}
 
 
-def _page_on_request(web: str, todo: Any, done: Any, cpu: Any) -> None:
-    """The operator of ``interleaved_run``: reads each page it is asked for, as it is asked."""
+def _page_on_request(web: str, todo: Any, stop: Any, done: Any, cpu: Any) -> None:
+    """The operator of ``interleaved_run``: reads each page it is asked for, as it is asked
+    (``None``: done)."""
     s = sign_in(web)
     t0 = time.process_time()
     try:
@@ -654,11 +667,11 @@ def main(argv: list[str] | None = None) -> int:
             # machine that drifts during the stage does not always favour the quiet run)
             for r in range(args.rounds):
                 pair = [intake_run(sysm.web, args.intake, args.rate, operator, sample,
-                                   (2 * r + k) * args.intake, think=args.think, sysm=sysm)
+                                   (2 * r + k) * args.intake, sysm, think=args.think)
                         for k, operator in enumerate((r % 2 == 1, r % 2 == 0))]
                 runs += sorted(pair, key=lambda run: run["operator"] != "quiet")
             runs.append(intake_run(sysm.web, args.intake, args.rate, True, sample,
-                                   2 * args.rounds * args.intake, sysm=sysm))
+                                   2 * args.rounds * args.intake, sysm))
             ratios = [runs[2 * r + 1]["p99_ms"] / runs[2 * r]["p99_ms"]
                       for r in range(args.rounds)]
             quiet = [run["p99_ms"] for run in runs[:-1:2]]
@@ -680,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.intake and args.interleave:
             inter = [interleaved_run(sysm.web, args.intake, args.rate, sample,
                                      (2 * args.rounds + 1 + r) * args.intake, args.window,
-                                     args.think, sysm=sysm) for r in range(args.interleave)]
+                                     args.think, sysm) for r in range(args.interleave)]
             on = [ms for r in inter for ms in r.pop("_on")]
             off = [ms for r in inter for ms in r.pop("_off")]
             result["interleaved"] = inter
