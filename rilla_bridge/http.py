@@ -5,7 +5,6 @@ hot path), a requests Session for CallRail. Both read the environment (proxy var
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import certifi
@@ -34,8 +33,7 @@ def http_session(base_url: str, *, pool_maxsize: int = 10) -> requests.Session:
     return session
 
 
-def http_pool(base_url: str, *, maxsize: int = 10,
-              headers: Mapping[str, str] | None = None) -> urllib3.PoolManager:
+def http_pool(base_url: str, *, maxsize: int = 10) -> urllib3.PoolManager:
     """A urllib3 pool for one API host, for a request made once per delivery.
 
     urllib3 is what requests sends with; called directly it skips requests' per-request
@@ -52,5 +50,5 @@ def http_pool(base_url: str, *, maxsize: int = 10,
     pool_kw: dict[str, Any] = {"maxsize": maxsize, "block": False, "retries": False,
                                "cert_reqs": "CERT_REQUIRED", **tls}
     if proxy:
-        return urllib3.ProxyManager(proxy, num_pools=4, headers=dict(headers or {}), **pool_kw)
-    return urllib3.PoolManager(num_pools=4, headers=dict(headers or {}), **pool_kw)
+        return urllib3.ProxyManager(proxy, num_pools=4, **pool_kw)
+    return urllib3.PoolManager(num_pools=4, **pool_kw)

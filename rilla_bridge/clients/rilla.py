@@ -186,8 +186,7 @@ class RillaClient:
         with self._lock:
             if self._pool is None or self._pid != pid:
                 # After fork the parent's sockets are shared: drop them without closing.
-                self._pool = http_pool(self.base_url, maxsize=self.pool_maxsize,
-                                       headers=BASE_HEADERS)
+                self._pool = http_pool(self.base_url, maxsize=self.pool_maxsize)
                 self._pid = pid
             return self._pool
 
@@ -196,6 +195,7 @@ class RillaClient:
         if not isinstance(api_key, str) or not _valid_header_value(api_key):
             return RillaResult("permanent", None, "",
                                error="api key is empty or not a valid header value")
+        # Every request names all its headers (a pool's own defaults would be replaced).
         headers = {**BASE_HEADERS, "x-api-key": api_key}
         data: bytes | None = None
         if payload is not None:
@@ -221,7 +221,7 @@ class RillaClient:
         except HTTPError as exc:
             return self._failure(method, path, f"request failed ({type(exc).__name__})")
         # Rilla answers JSON (UTF-8); a byte that is not UTF-8 is replaced, never an error.
-        text = response.data[:4 * BODY_LIMIT].decode("utf-8", "replace")[:BODY_LIMIT]
+        text = response.data[:4 * BODY_LIMIT].decode("utf-8", "replace")   # classify cuts
         result = classify(response.status, text, response.headers.get("Retry-After"))
         log.debug("rilla %s %s -> %s in %.0f ms", method, path, response.status,
                   (time.monotonic() - started) * 1000)
