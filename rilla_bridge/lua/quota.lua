@@ -49,8 +49,13 @@ local function live(key, cut)
   return total
 end
 
+-- A caller's "now" may be a bucket behind the key's "lo" (processes read their clocks, then
+-- reach Redis in any order); its grant counts in bucket "lo", freed a little later than its
+-- own bucket would be, never earlier. Below "lo" no walk would ever subtract it.
 local function add(key, size, window)
   local b = math.floor(now / size)
+  local lo = tonumber(redis.call('HGET', key, 'lo'))
+  if lo and b < lo then b = lo end
   redis.call('HINCRBY', key, fmt(b), 1)
   redis.call('HINCRBY', key, 'n', 1)
   redis.call('HSETNX', key, 'lo', fmt(b))

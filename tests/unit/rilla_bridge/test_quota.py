@@ -246,6 +246,29 @@ def test_grants_free_one_by_one_in_a_rolling_window(fake_redis: fakeredis.FakeRe
     assert g.status("A")["hour_used"] == 2
 
 
+def test_a_grant_from_a_clock_behind_is_freed_like_the_others(fake_redis: fakeredis.FakeRedis,
+                                                              clock: FakeClock) -> None:
+    """Processes read the clock, then reach Redis in any order: the first grant of a window
+    may come from a clock one bucket ahead of the next. That next grant must still be walked
+    off when its window ends (it was left below the walk's start, holding one unit of budget
+    for as long as the account stayed busy: 38 of 40 per window in a 4-process test)."""
+    behind = FakeClock(clock.now())
+    ahead = FakeClock(clock.now() + HOUR_BUCKET + 0.5)
+    g_behind, g_ahead = guard(fake_redis, behind, hourly_limit=2), guard(fake_redis, ahead,
+                                                                         hourly_limit=2)
+    fill(g_ahead, "live", 10)
+    assert len(g_ahead.take("A", 1)) == 1
+    assert len(g_behind.take("A", 1)) == 1
+    assert g_ahead.take("A", 1) == []
+    for c in (behind, ahead):
+        c.advance(HOUR + MARGIN + 2 * HOUR_BUCKET + 1)
+    assert len(g_ahead.take("A", 5)) == 2  # both grants freed, the late one included
+    for c in (behind, ahead):
+        c.advance(HOUR + MARGIN + 2 * HOUR_BUCKET + 1)
+    assert len(g_behind.take("A", 5)) == 2
+    assert g_behind.status("A")["hour_used"] == 2
+
+
 def test_usage_keys_expire_and_queue_does_not(fake_redis: fakeredis.FakeRedis,
                                               clock: FakeClock) -> None:
     g = guard(fake_redis, clock, hour_seconds=60, day_seconds=600)
