@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Client, Listener
@@ -209,3 +211,18 @@ def test_console_requests_waiting_on_the_operator_process_never_hold_up_health(
             assert asyncio.run(scenario())["by"] == "worker"
         finally:
             release.set()
+
+
+def test_the_operator_process_sits_in_a_scheduling_group_of_its_own() -> None:
+    """Its own session (so kernels that group CPU time by session do not charge its pages to
+    the web workers' group), and that group niced where the kernel has one."""
+    code = ("import os; from app.operator_process import NICE, _own_scheduling_group as own; "
+            "own(); print(os.getsid(0) == os.getpid(), NICE); "
+            "p = '/proc/self/autogroup'; "
+            "print(open(p).read().strip() if os.path.exists(p) else 'none')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.splitlines()
+    leader, nice = out[0].split()
+    assert leader == "True"
+    if out[1] != "none":
+        assert out[1].endswith(f"nice {nice}")
