@@ -567,28 +567,46 @@ class Operations:
         source, last day's success rate, CallRail account, pause."""
         ov = {r["tenant"]: r for r in self.overview()["tenants"]}
         budgets = {b["account"]: b for b in self.budgets()}
+        last = self._last_webhooks()
         out = []
-        with reading(self.engine) as conn:
-            for slug, t in sorted(self.tenants.items()):
-                day = (ov.get(slug) or {}).get("24h") or {}
-                finished = int(day.get("delivered", 0)) + int(day.get("dead", 0))
-                cr = t.callrail
-                out.append({
-                    "tenant": slug, "paused": bool((ov.get(slug) or {}).get("paused")),
-                    "urls": self.webhook_urls(t, base_url),
-                    "rilla_api_key": mask(t.rilla_api_key),
-                    "callrail": None if cr is None else {
-                        "signing_key": mask(cr.signing_keys), "account_id": cr.account_id,
-                        "company_id": cr.company_id, "api_key": mask(cr.api_key),
-                        "budget": budgets.get(cr.account_id or "")},
-                    "callingly": None if t.callingly is None else {
-                        "webhook_token": mask(t.callingly.webhook_tokens)},
-                    "last_webhook": {src: overview.last_received(conn, slug, src)
-                                     for src in ("callrail", "callingly")},
-                    "success_rate_24h": (round(int(day.get("delivered", 0)) / finished, 4)
-                                         if finished else None),
-                    "silent": (ov.get(slug) or {}).get("silent")})
+        for slug, t in sorted(self.tenants.items()):
+            day = (ov.get(slug) or {}).get("24h") or {}
+            finished = int(day.get("delivered", 0)) + int(day.get("dead", 0))
+            cr = t.callrail
+            out.append({
+                "tenant": slug, "paused": bool((ov.get(slug) or {}).get("paused")),
+                "urls": self.webhook_urls(t, base_url),
+                "rilla_api_key": mask(t.rilla_api_key),
+                "callrail": None if cr is None else {
+                    "signing_key": mask(cr.signing_keys), "account_id": cr.account_id,
+                    "company_id": cr.company_id, "api_key": mask(cr.api_key),
+                    "budget": budgets.get(cr.account_id or "")},
+                "callingly": None if t.callingly is None else {
+                    "webhook_token": mask(t.callingly.webhook_tokens)},
+                "last_webhook": {src: last.get((slug, src)) for src in SOURCES},
+                "success_rate_24h": (round(int(day.get("delivered", 0)) / finished, 4)
+                                     if finished else None),
+                "silent": (ov.get(slug) or {}).get("silent")})
         return out
+
+    def _last_webhooks(self) -> dict[tuple[str, str], float | None]:
+        """When each configured tenant's last webhook of each of its sources was taken: the
+        intake script's ``rb:last_webhook`` (one HGETALL; the same as /metrics), and history's
+        newest event for a configured source Redis has no time for (Redis lost its data, or
+        the source never sent since it was configured): in steady state, no query at all."""
+        seen: dict[tuple[str, str], float | None] = {}
+        for raw, value in self.redis.hgetall(keys.LAST_WEBHOOK).items():
+            tenant, _, source = _text(raw).rpartition("|")
+            with contextlib.suppress(ValueError):
+                seen[(tenant, source)] = float(value)
+        missing = [(slug, src) for slug, t in sorted(self.tenants.items())
+                   for src, section in (("callrail", t.callrail), ("callingly", t.callingly))
+                   if section is not None and (slug, src) not in seen]
+        if missing:
+            with reading(self.engine) as conn:
+                for slug, src in missing:
+                    seen[(slug, src)] = overview.last_received(conn, slug, src)
+        return seen
 
     def pause(self, tenant: str, actor: str) -> None:
         """Stop delivering the tenant's events (they keep arriving and wait durably)."""

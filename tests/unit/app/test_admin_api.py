@@ -270,6 +270,28 @@ def test_retries_list_and_retry_now(app: Flask, api: FlaskClient, history_db: En
                     headers=AUTH).status_code == 409
 
 
+def test_tenants_last_webhook_from_intakes_record_then_history(
+        api: FlaskClient, history_db: Engine, fake_redis: fakeredis.FakeRedis,
+        clock: FakeClock) -> None:
+    """The tenants list reads when each source last sent from ``rb:last_webhook`` (what
+    intake records, one HGETALL for every tenant), and from history only where Redis has
+    no time for a configured source."""
+    seed(history_db, clock)
+
+    def last() -> dict[str, dict[str, float | None]]:
+        return {t["tenant"]: t["last_webhook"]
+                for t in api.get("/admin/api/tenants", headers=AUTH).get_json()["tenants"]}
+
+    fake_redis.hset(keys.LAST_WEBHOOK, "acme|callrail", "1234.5")
+    assert last()["acme"]["callrail"] == 1234.5           # intake's record, not a query
+    fake_redis.delete(keys.LAST_WEBHOOK)
+    from_history = last()["acme"]
+    newest = max(r["received_at"] for r in api.get(
+        "/admin/api/events?tenant=acme&source=callrail", headers=AUTH).get_json()["events"])
+    assert from_history["callrail"] == newest               # Redis lost it: history's newest
+    assert from_history["callingly"] is None                # configured, never sent
+
+
 def test_tenants_urls_masked_reveal_pause_resume(api: FlaskClient, history_db: Engine,
                                                  fake_redis: fakeredis.FakeRedis,
                                                  clock: FakeClock) -> None:
