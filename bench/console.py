@@ -69,7 +69,7 @@ from bench.delivery import pct
 from rilla_bridge.clock import SystemClock
 from rilla_bridge.history.db import make_engine
 from rilla_bridge.history.migrate import upgrade_engine
-from rilla_bridge.keys import OVERVIEW
+from rilla_bridge.keys import LAST_WEBHOOK, OVERVIEW
 from rilla_bridge.operations import Operations
 from rilla_bridge.providers.callrail import signature
 from rilla_bridge.settings import Settings
@@ -100,7 +100,8 @@ def tenants_toml() -> str:
 
 def seed(url: str, n_events: int, n_dead: int, now: float, rejected: int = 0
          ) -> dict[str, Any]:
-    """COPY the history in; returns what the queries will look for."""
+    """COPY the history in; returns what the queries will look for, and each tenant's
+    newest event (``last_webhook``) for Redis, where intake would have left it."""
     rng = random.Random(11)
     factory = BodyFactory("seed")
     weights = [30.0] + [70.0 / (TENANT_COUNT - 1)] * (TENANT_COUNT - 1)
@@ -117,6 +118,7 @@ def seed(url: str, n_events: int, n_dead: int, now: float, rejected: int = 0
     tl_rows: list[tuple[Any, ...]] = []
     dl_rows: list[tuple[Any, ...]] = []
     dead = 0
+    last: dict[str, float] = {}
     for i in range(n_events):
         t = now - 86400 + 86400 * (i + rng.random()) / n_events
         tenant = rng.choices(slugs, weights)[0]
@@ -150,6 +152,7 @@ def seed(url: str, n_events: int, n_dead: int, now: float, rejected: int = 0
                             "post_call", call, f"callrail-{call}", code, reason, status_code,
                             reason, 1, t, t + 0.2,
                             json.dumps({"event_id": f"callrail-{call}"})))
+        last[f"{tenant}|callrail"] = t
         if i == n_events // 2:
             sample = {"event_id": eid, "phone": phone, "name": name.split()[1].lower(),
                       "rep": rep, "call_id": call, "tenant": tenant}
@@ -177,6 +180,7 @@ def seed(url: str, n_events: int, n_dead: int, now: float, rejected: int = 0
     engine.dispose()
     sample["seconds"] = round(time.monotonic() - t0, 1)
     sample["dead"] = dead
+    sample["last_webhook"] = last   # what intake's script would have left in rb:last_webhook
     return sample
 
 
@@ -526,13 +530,15 @@ def _page_through(web: str, paths: list[str], think: float, stop: Any, done: Any
 
 
 def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start: int,
-                    window: float, think: float, sysm: System) -> dict[str, Any]:
+                    window: float, think: float, sysm: System, page_offset: int = 0
+                    ) -> dict[str, Any]:
     """N webhooks at ``rate``/s while the operator pages in every other ``window`` seconds
     (one page every ``think`` seconds, all started early enough in their window to end in it)
     and is idle in the rest: the p99 of the webhooks sent in operator windows against those
     sent in quiet ones. Quiet and operator alternate every few seconds, so both see the same
     minutes of the machine (whose speed drifts by ±20 % between runs of 20 s here: separate
-    runs compare the machine's moments as much as the operator)."""
+    runs compare the machine's moments as much as the operator). The pages read go on from
+    ``page_offset`` in ``page_paths``' order, so successive runs read all of them."""
     poster = Poster(web, start)
     sent: list[tuple[float, float]] = []   # (send time from t0, latency ms)
     paths = page_paths(sample, web)
@@ -554,7 +560,7 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
     for i in range(n):
         slot = i / rate
         while pages_asked < len(page_times) and page_times[pages_asked] <= slot:
-            todo.put(paths[pages_asked % len(paths)])
+            todo.put(paths[(page_offset + pages_asked) % len(paths)])
             pages_asked += 1
         delay = t0 + slot - time.monotonic()
         if delay > 0:
@@ -568,11 +574,26 @@ def interleaved_run(web: str, n: int, rate: float, sample: dict[str, Any], start
     pool.shutdown()
     on = [ms for at, ms in sent if int(at // window) % 2 == 1]
     off = [ms for at, ms in sent if int(at // window) % 2 == 0]
+    # Where the operator windows' slow webhooks fall: sent within 50 ms after a page was
+    # asked for (5 % of an operator window's time at one page a second), or elsewhere.
+    slow = pct(off, 99)
+    near = far = 0
+    by_page: dict[str, int] = {}
+    for at, ms in sent:
+        if int(at // window) % 2 == 1 and ms > slow:
+            asked = [k for k, pt in enumerate(page_times) if 0 <= at - pt < 0.05]
+            if asked:
+                near += 1
+                page = paths[(page_offset + asked[-1]) % len(paths)][:48]
+                by_page[page] = by_page.get(page, 0) + 1
+            else:
+                far += 1
     return {"window_s": window, "posts": n, "codes": poster.codes, "pages": pages,
             "quiet_n": len(off), "operator_n": len(on),
             "quiet_p50_ms": round(pct(off, 50), 2), "quiet_p99_ms": round(pct(off, 99), 2),
             "operator_p50_ms": round(pct(on, 50), 2), "operator_p99_ms": round(pct(on, 99), 2),
             "p99_ratio": round(pct(on, 99) / pct(off, 99), 3),
+            "slow_near_page": near, "slow_elsewhere": far, "slow_near_by_page": by_page,
             "cpu_s": {**cpu, "browser": browser_cpu}, "_on": on, "_off": off}
 
 
@@ -641,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         now = time.time()
         sample = seed(db_url, args.events, args.dead, now, rejected=args.replay)
         sample["redis"] = args.redis
+        with redis_lib.Redis.from_url(args.redis) as r:
+            r.hset(LAST_WEBHOOK, mapping=sample.pop("last_webhook"))
         print(f"seeded {args.events} events, {sample['dead']} dead letters in "
               f"{sample['seconds']} s", flush=True)
         # This process posts the webhooks: what the setup left in its heap made each of its
@@ -691,9 +714,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(ratios):.3f}); no pause / median quiet: "
                   f"{result['intake_p99_ratio']['no_pause']:.3f}", flush=True)
         if args.intake and args.interleave:
-            inter = [interleaved_run(sysm.web, args.intake, args.rate, sample,
-                                     (2 * args.rounds + 1 + r) * args.intake, args.window,
-                                     args.think, sysm) for r in range(args.interleave)]
+            inter: list[dict[str, Any]] = []
+            for r in range(args.interleave):
+                inter.append(interleaved_run(sysm.web, args.intake, args.rate, sample,
+                                             (2 * args.rounds + 1 + r) * args.intake,
+                                             args.window, args.think, sysm,
+                                             page_offset=sum(x["pages"] for x in inter)))
             on = [ms for r in inter for ms in r.pop("_on")]
             off = [ms for r in inter for ms in r.pop("_off")]
             result["interleaved"] = inter
@@ -703,10 +729,17 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_ratio": round(pct(on, 99) / pct(off, 99), 3)}
             print(table(inter, ["window_s", "posts", "pages", "quiet_n", "quiet_p50_ms",
                                 "quiet_p99_ms", "operator_n", "operator_p50_ms",
-                                "operator_p99_ms", "p99_ratio"]), flush=True)
+                                "operator_p99_ms", "p99_ratio", "slow_near_page",
+                                "slow_elsewhere"]), flush=True)
             print("CPU seconds per interleaved run, by part:", flush=True)
             print(table([r["cpu_s"] for r in inter], ["web", "operator", "postgres", "redis",
                                                       "scheduler", "bench", "browser"]),
+                  flush=True)
+            near: dict[str, int] = {}
+            for r in inter:
+                for page, k in r["slow_near_by_page"].items():
+                    near[page] = near.get(page, 0) + k
+            print(f"slow webhooks within 50 ms after a page was asked, by page: {near}",
                   flush=True)
             print("intake p99, operator windows / quiet windows: "
                   f"{', '.join(str(r['p99_ratio']) for r in inter)} (median "
