@@ -617,9 +617,36 @@ def _api() -> requests.Session:
     return s
 
 
+def pool(paths: list[str], resamples: int = 10_000) -> dict[str, Any]:
+    """The interleaved runs of several result files together: the operator windows' p99
+    against the quiet windows', as the ratio of the runs' mean p99s, with a bootstrap 95 %
+    interval over runs (each run is one draw of the machine's minutes)."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs += [(r["quiet_p99_ms"], r["operator_p99_ms"])
+                     for r in json.load(f).get("interleaved", [])]
+    if not runs:
+        raise SystemExit("no interleaved runs in those files")
+
+    def ratio(rs: list[tuple[float, float]]) -> float:
+        return sum(o for _, o in rs) / sum(q for q, _ in rs)
+
+    rng = random.Random(1)
+    boot = sorted(ratio([rng.choice(runs) for _ in runs]) for _ in range(resamples))
+    return {"files": len(paths), "runs": len(runs), "p99_ratio": round(ratio(runs), 3),
+            "ci95": [round(boot[int(0.025 * resamples)], 3),
+                     round(boot[int(0.975 * resamples) - 1], 3)],
+            "median_run_ratio": round(statistics.median(o / q for q, o in runs), 3),
+            "runs_over_1.10": sum(1 for q, o in runs if o / q > 1.10)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pool", nargs="+", metavar="RESULTS_JSON",
+                   help="only summarise the interleaved runs of these result files together "
+                        "(ratio of mean p99s, bootstrap 95 %% interval over runs)")
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--dead", type=int, default=20_000)
     p.add_argument("--repeat", type=int, default=30)
@@ -643,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live-seconds", type=float, default=30.0)
     p.add_argument("--rilla-latency-ms", type=int, default=50)
     args = p.parse_args(argv)
+    if args.pool:
+        print(json.dumps(pool(args.pool), indent=2))
+        return 0
 
     flush(args.redis)
     admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
