@@ -55,10 +55,13 @@ end
 local function add(key, size, window)
   local b = math.floor(now / size)
   local lo = tonumber(redis.call('HGET', key, 'lo'))
-  if lo and b < lo then b = lo end
+  if not lo then
+    redis.call('HSET', key, 'lo', fmt(b))
+  elseif b < lo then
+    b = lo
+  end
   redis.call('HINCRBY', key, fmt(b), 1)
   redis.call('HINCRBY', key, 'n', 1)
-  redis.call('HSETNX', key, 'lo', fmt(b))
   redis.call('PEXPIRE', key, math.ceil((window + M + 2 * size) * 1000))
 end
 
