@@ -150,10 +150,9 @@ def last_webhook(last_seen: dict[Any, Any], tenants: set[str]) -> GaugeMetricFam
     gauge = _gauge("rilla_bridge_last_webhook_timestamp_seconds",
                    "When the tenant's last webhook from this source was taken (Unix time)",
                    ["tenant", "source"])
-    for raw, value in sorted(last_seen.items()):
-        tenant, _, source = _text(raw).rpartition("|")
+    for (tenant, source), value in sorted(keys.last_webhook_times(last_seen).items()):
         if tenant in tenants:   # a tenant removed from the tenants file is no longer reported
-            gauge.add_metric([tenant, source], float(value))
+            gauge.add_metric([tenant, source], value)
     return gauge
 
 

@@ -44,6 +44,9 @@ Shared:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 READY = "rb:ready"
 PAUSED = "rb:paused"
 TENANTS = "rb:tenants"
@@ -132,3 +135,18 @@ def scheduler_job(name: str) -> str:
 
 def sign_in_failures(address: str) -> str:
     return f"rb:signin:{address}"
+
+
+def last_webhook_field(tenant: str, source: str) -> str:
+    """A tenant's source in ``rb:last_webhook`` (the intake script writes ``tenant|source``)."""
+    return f"{tenant}|{source}"
+
+
+def last_webhook_times(fields: Mapping[Any, Any]) -> dict[tuple[str, str], float]:
+    """``rb:last_webhook`` as HGETALL returns it: ``(tenant, source) -> seconds``."""
+    out: dict[tuple[str, str], float] = {}
+    for raw, value in fields.items():
+        field = raw.decode() if isinstance(raw, bytes) else str(raw)
+        tenant, _, source = field.rpartition("|")
+        out[(tenant, source)] = float(value)
+    return out

@@ -323,7 +323,8 @@ class Operations:
                 pipe.zrem(keys.READY, tenant)
                 pipe.srem(keys.PAUSED, tenant)
                 pipe.srem(keys.TENANTS, tenant)
-                pipe.hdel(keys.LAST_WEBHOOK, *(f"{tenant}|{src}" for src in SOURCES))
+                pipe.hdel(keys.LAST_WEBHOOK,
+                          *(keys.last_webhook_field(tenant, src) for src in SOURCES))
                 # Its counters (``lifecycle.stats_fields``: each field ends in ``|tenant``),
                 # or /metrics would list the client for ever.
                 suffix = f"|{tenant}"
@@ -594,11 +595,8 @@ class Operations:
         intake script's ``rb:last_webhook`` (one HGETALL; the same as /metrics), and history's
         newest event for a configured source Redis has no time for (Redis lost its data, or
         the source never sent since it was configured): in steady state, no query at all."""
-        seen: dict[tuple[str, str], float | None] = {}
-        for raw, value in self.redis.hgetall(keys.LAST_WEBHOOK).items():
-            tenant, _, source = _text(raw).rpartition("|")
-            with contextlib.suppress(ValueError):
-                seen[(tenant, source)] = float(value)
+        seen: dict[tuple[str, str], float | None] = dict(
+            keys.last_webhook_times(self.redis.hgetall(keys.LAST_WEBHOOK)))
         missing = [(slug, src) for slug, t in sorted(self.tenants.items())
                    for src, section in (("callrail", t.callrail), ("callingly", t.callingly))
                    if section is not None and (slug, src) not in seen]
