@@ -49,6 +49,10 @@ def test_console_reads_and_jobs(database_url: str, real_redis: redis.Redis) -> N
                   for g in ops.dead_letter_groups()}
         assert groups[("acme", "transform", None)]["sample"]["event_id"] == "ev_t1"
         assert groups[("acme", "rilla_rejected", 422)]["count"] == 1
+        # each group's sample is its own (the groups are joined back to their newest letter)
+        assert {k: g["sample"]["event_id"] for k, g in groups.items()} == {
+            ("acme", "transform", None): "ev_t1", ("acme", "rilla_rejected", 422): "ev_dead1",
+            ("beta", "rilla_error", 500): "ev_dead2"}
         with reading(engine) as conn:
             assert dead_letters_count(conn, DeadLetterFilter(group=("acme", "transform", None))
                                       ) == {"acme": 1}

@@ -176,18 +176,30 @@ def test_dead_letter_groups(history_db: Engine, clock: FakeClock) -> None:
     for i in range(3):
         batch.append(rec.dead(f"ev_r{i}", status_code=422))
         clock.advance(1)
+    batch += [rec.dead("ev_t0", reason_code="transform", status_code=None)]
+    clock.advance(1)
     batch += [rec.dead("ev_t1", reason_code="transform", status_code=None),
-              rec.dead("ev_o1", tenant="beta", status_code=422)]
+              rec.dead("ev_o1", tenant="beta", status_code=422),
+              rec.dead("ev_o2", tenant="beta", status_code=409)]
+    clock.advance(1)
+    batch += [rec.dead("ev_r3", status_code=422)]   # the group's newest, then replayed
     apply(history_db, batch)
+    clock.advance(1)
+    apply(history_db, [rec.handled("ev_r3")])
     with db.reading(history_db) as conn:
         groups = queries.dead_letter_groups(conn)
     top = groups[0]
     assert (top["tenant"], top["reason_code"], top["status_code"], top["count"]) == (
         "acme", "rilla_rejected", 422, 3)
     assert top["first_failed_at"] < top["last_failed_at"]
-    assert top["sample"]["event_id"] == "ev_r2"          # the newest
-    assert {(g["tenant"], g["reason_code"]) for g in groups[1:]} == {
-        ("acme", "transform"), ("beta", "rilla_rejected")}
+    assert top["sample"]["event_id"] == "ev_r2"          # the newest open one
+    # each group's own sample (the one query for all samples keeps them apart), a group
+    # without a Rilla status included
+    samples = {(g["tenant"], g["reason_code"], g["status_code"], g["count"]):
+               g["sample"]["event_id"] for g in groups[1:]}
+    assert samples == {("acme", "transform", None, 2): "ev_t1",
+                       ("beta", "rilla_rejected", 422, 1): "ev_o1",
+                       ("beta", "rilla_rejected", 409, 1): "ev_o2"}
 
 
 def test_call_state_from_an_engine_or_a_connection(seeded: Engine) -> None:
