@@ -15,7 +15,11 @@ history process). Then, against the real web process (granian) on that database:
    them without any pause (a worst case no person reaches): p50 / p99 of the 202s (target:
    p99 within 10 % of quiet). ``--interleave N`` adds N runs in which quiet and operator
    alternate every ``--window`` seconds within the run, the webhooks of each kind of window
-   compared: the machine's speed drifts between separate runs, not within seconds.
+   compared: the machine's speed drifts between separate runs, not within seconds. Each
+   window's ``steal`` (CPU the virtual machine's host gave elsewhere) is recorded, and the
+   comparison is also made over the window pairs the host left alone (``calm``): a host that
+   takes our vCPUs away for 100-500 ms sets the p99 of whichever window it falls in.
+   ``--pool FILES`` sums up the runs of several result files with a 95 % interval.
 
 3. **bulk replay** (``--replay N``): the seed makes exactly N dead letters ``rilla_rejected``;
    the Rilla sandbox, two workers, the scheduler (whose job thread runs bulk jobs) and the
