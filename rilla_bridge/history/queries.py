@@ -293,7 +293,7 @@ def dead_letter_groups(conn: Connection, limit: int = 200) -> list[dict[str, Any
                      s.c.failed_at == g.c.last_failed_at)
     q = (sa.select(g, s.c.id, s.c.event_id, s.c.reason, s.c.response_body)
          .select_from(g.outerjoin(s, newest))
-         # of two letters failed in the same instant, the later stream id is the sample
+         # of two letters failed in the same instant, the one with the greater id
          .order_by(g.c.count.desc(), g.c.tenant, g.c.reason_code, g.c.status_code,
                    s.c.id.desc()))
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -303,7 +303,8 @@ def dead_letter_groups(conn: Connection, limit: int = 200) -> list[dict[str, Any
             continue
         groups[k] = {c: r[c] for c in ("tenant", "reason_code", "status_code", "count",
                                        "first_failed_at", "last_failed_at")}
-        # None: its newest letter was replayed or deleted while the statement ran
+        # (one statement, one snapshot: a group always finds its newest letter; None only
+        # if that ever changed)
         groups[k]["sample"] = None if r["id"] is None else {
             c: r[c] for c in ("id", "event_id", "reason", "response_body")}
     return list(groups.values())
