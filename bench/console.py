@@ -58,6 +58,7 @@ import redis as redis_lib
 import requests
 import sqlalchemy as sa
 
+from app.operator_process import own_scheduling_group
 from bench.common import (
     DEFAULT_REDIS,
     RESULTS,
@@ -75,7 +76,7 @@ from bench.delivery import pct
 from rilla_bridge.clock import SystemClock
 from rilla_bridge.history.db import make_engine
 from rilla_bridge.history.migrate import upgrade_engine
-from rilla_bridge.keys import LAST_WEBHOOK, OVERVIEW
+from rilla_bridge.keys import LAST_WEBHOOK, OVERVIEW, last_webhook_field
 from rilla_bridge.operations import Operations
 from rilla_bridge.providers.callrail import signature
 from rilla_bridge.settings import Settings
@@ -161,7 +162,7 @@ def seed(url: str, n_events: int, n_dead: int, now: float, rejected: int = 0
                             "post_call", call, f"callrail-{call}", code, reason, status_code,
                             reason, 1, t, t + 0.2,
                             json.dumps({"event_id": f"callrail-{call}"})))
-        last[f"{tenant}|callrail"] = t
+        last[last_webhook_field(tenant, "callrail")] = t
         if i == n_events // 2:
             sample = {"event_id": eid, "phone": phone, "name": name.split()[1].lower(),
                       "rep": rep, "call_id": call, "tenant": tenant}
@@ -361,10 +362,7 @@ def _elsewhere(target: Any, *args: Any) -> None:
     share from the posting threads) at the lowest priority, so reading a page (a 360 KB
     overview takes its ``requests`` a few milliseconds) does not delay the webhooks being
     timed; what the server spends on the page is still all on these two cores."""
-    with contextlib.suppress(OSError):
-        os.setsid()
-        with open("/proc/self/autogroup", "w") as f:
-            f.write("19")
+    own_scheduling_group(19)
     os.nice(19)
     target(*args)
 

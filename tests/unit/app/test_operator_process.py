@@ -216,7 +216,7 @@ def test_console_requests_waiting_on_the_operator_process_never_hold_up_health(
 def test_the_operator_process_sits_in_a_scheduling_group_of_its_own() -> None:
     """Its own session (so kernels that group CPU time by session do not charge its pages to
     the web workers' group), and that group niced where the kernel has one."""
-    code = ("import os; from app.operator_process import NICE, _own_scheduling_group as own; "
+    code = ("import os; from app.operator_process import NICE, own_scheduling_group as own; "
             "own(); print(os.getsid(0) == os.getpid(), NICE); "
             "p = '/proc/self/autogroup'; "
             "print(open(p).read().strip() if os.path.exists(p) else 'none')")
